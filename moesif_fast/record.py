@@ -1,0 +1,92 @@
+"""The compact record a worker appends to the ring for one captured API call.
+
+The worker copies what it needs out of the live request and response into a plain tuple and
+marshals it: no JSON, no base64, no header renaming in the request. The shipper unmarshals it
+into a `CapturedCall` and builds the Moesif event from it (`moesif_fast.event`).
+
+Payload layout: one kind byte, then `marshal.dumps(tuple)` of the `CapturedCall` fields in
+order. Workers and the shipper run the same interpreter and package version (the shipper is
+started from the same environment), so marshal's format is shared; the kind byte carries the
+record version, so a mixed deployment drops and counts records it cannot read instead of
+misreading them.
+
+Trust: the ring file is mode 0600 and owned by the server's user; `decode` still never raises
+on bad bytes, it returns None and the caller counts the record as undecodable.
+"""
+
+from __future__ import annotations
+
+import marshal
+from typing import Any, NamedTuple
+
+CALL_V1 = b"C"
+
+Body = bytes | int | None
+"""A captured body: the bytes, None when there is none (or LOG_BODY is off), or an int (the
+body's size in bytes) when it was larger than the capture limit and left out."""
+
+
+class CapturedCall(NamedTuple):
+    """One API call as captured in the worker. Field order is the wire order of the record."""
+
+    direction: str  # "Incoming" | "Outgoing"
+    request_time_ns: int  # time.time_ns() when the request entered the middleware
+    response_time_ns: int  # time.time_ns() when the view chain returned
+    verb: str  # request method, upper case
+    uri: str  # scheme://host/full_path?query
+    request_headers: tuple[tuple[str, str], ...]
+    """Incoming: WSGI META keys as Django has them (HTTP_X_API_KEY, CONTENT_TYPE,
+    CONTENT_LENGTH) with their string values. Outgoing: real header names."""
+    remote_addr: str | None  # REMOTE_ADDR (incoming) or None
+    request_body: Body
+    status: int
+    response_headers: tuple[tuple[str, str], ...]  # names as the application set them
+    response_body: Body  # None also for streaming and file responses
+    transaction_id: str | None  # the X-Moesif-Transaction-Id sent on the response
+    user_id: Any  # from IDENTIFY_USER or request.user; None → the shipper reads the auth header
+    company_id: Any
+    session_token: Any
+    metadata: Any
+    weight: int  # sampling weight (1 = sample rate 100)
+
+
+FIELD_COUNT = len(CapturedCall._fields)
+
+
+def encode_call(fields: tuple) -> bytes:
+    """Pack a plain tuple in `CapturedCall` field order. Raises ValueError for values marshal
+    cannot carry; the caller (the middleware) makes callback results safe first."""
+    return CALL_V1 + marshal.dumps(fields)
+
+
+def decode(payload: bytes) -> CapturedCall | None:
+    """The record in `payload`, or None when it is not a well-formed record of a known kind."""
+    if payload[:1] != CALL_V1:
+        return None
+    try:
+        fields = marshal.loads(payload[1:])
+    except (ValueError, EOFError, TypeError):
+        return None
+    if type(fields) is not tuple or len(fields) != FIELD_COUNT:
+        return None
+    call = CapturedCall._make(fields)
+    if not (
+        isinstance(call.direction, str)
+        and type(call.request_time_ns) is int
+        and type(call.response_time_ns) is int
+        and isinstance(call.verb, str)
+        and isinstance(call.uri, str)
+        and _is_pairs(call.request_headers)
+        and _is_pairs(call.response_headers)
+        and type(call.status) is int
+        and type(call.weight) is int
+    ):
+        return None
+    return call
+
+
+def _is_pairs(value: object) -> bool:
+    return type(value) is tuple and all(
+        type(pair) is tuple and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is str
+        for pair in value
+    )

@@ -1,0 +1,205 @@
+"""The reader side of the ring: the one process that drains every lane.
+
+`read()` returns a `Batch` of records taken fairly from all lanes (each lane with data gets an
+equal share of the count and byte budget, and the starting lane rotates), in per-lane order.
+Reading does not free space: `commit(batch)` does, once the batch was delivered. Batches may be
+committed in any order; a lane's space is released only up to the oldest batch not yet
+committed, so an unacknowledged batch is read again by the next reader after a restart.
+
+Every header is bounds-checked against the lane. On the first inconsistency (a tail outside
+`[head, head + capacity]`, a bad kind or length, a record whose header does not carry its own
+position) the reader skips the lane to its current tail and counts a corrupt reset; it never
+raises on ring contents, never loops without progress and never reads outside the lane.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .layout import (
+    APPENDED,
+    CONSUMED,
+    CORRUPT_RESETS,
+    HEAD,
+    KIND_PAD,
+    KIND_RECORD,
+    RECORD_HEADER,
+    TAIL,
+    WORD_COMMITTED,
+    WORD_READER_HEARTBEAT,
+    WORD_READER_PID,
+    RingBusyError,
+    RingFile,
+    try_lock,
+)
+
+
+@dataclass(eq=False)
+class Batch:
+    """Records read together, and the lane positions that committing them releases."""
+
+    records: list[bytes] = field(default_factory=list)
+    nbytes: int = 0
+    ends: dict[int, tuple[int, int]] = field(default_factory=dict)  # lane → (position, count)
+    committed: bool = False
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class Reader:
+    """Drains the ring. Only one may exist per ring file at a time (RingBusyError otherwise)."""
+
+    def __init__(self, ring: RingFile) -> None:
+        self.ring = ring
+        self._lock_fd = ring.open_lock("reader")
+        if not try_lock(self._lock_fd):
+            os.close(self._lock_fd)
+            holder = ring.words[WORD_READER_PID]
+            raise RingBusyError(f"{ring.path} already has a reader (pid {holder}); only one "
+                                "shipper may drain a ring")
+        geometry = ring.geometry
+        self._lanes = range(geometry.lane_count)
+        self._capacity = geometry.lane_capacity
+        self._mask = geometry.lane_capacity - 1
+        self._max_record = geometry.max_record
+        self._bytes = ring.bytes
+        self._words = ring.words
+        self._sync_fds: dict[int, int] = {}
+        self._positions = [self._words[ring.control_word(lane, HEAD)] for lane in self._lanes]
+        self._pending: deque[Batch] = deque()
+        self._next_lane = 0
+        self._words[WORD_READER_PID] = os.getpid()
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Tell other processes the reader is alive (stats show its age)."""
+        self._words[WORD_READER_HEARTBEAT] = time.time_ns()
+
+    def pending(self) -> bool:
+        """True when some lane holds records this reader has not read yet."""
+        return any(self._load_tail(lane) != self._positions[lane] for lane in self._lanes)
+
+    def read(self, max_records: int, max_bytes: int) -> Batch:
+        """Up to `max_records` records and about `max_bytes` payload bytes (at least one record
+        when any is ready, even a larger one). Empty when nothing is ready."""
+        self.heartbeat()
+        batch = Batch()
+        ready = [lane for lane in self._rotation() if self._readable(lane)]
+        while ready and len(batch.records) < max_records and batch.nbytes < max_bytes:
+            share_records = max(1, (max_records - len(batch.records)) // len(ready))
+            share_bytes = max(1, (max_bytes - batch.nbytes) // len(ready))
+            ready = [lane for lane in ready if self._read_lane(lane, batch, share_records,
+                                                               share_bytes)]
+        if batch.records:
+            self._pending.append(batch)
+        return batch
+
+    def commit(self, batch: Batch) -> None:
+        """Mark `batch` delivered; release lane space up to the oldest undelivered batch."""
+        batch.committed = True
+        while self._pending and self._pending[0].committed:
+            done = self._pending.popleft()
+            for lane, (position, count) in done.ends.items():
+                control = self.ring.control_word(lane, 0)
+                self._store(lane, control + HEAD, position)
+                self._words[control + CONSUMED] += count
+            self._words[WORD_COMMITTED] += len(done.records)
+
+    def close(self) -> None:
+        """Give up the reader role (records read but not committed will be read again)."""
+        for fd in self._sync_fds.values():
+            os.close(fd)
+        self._sync_fds.clear()
+        os.close(self._lock_fd)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _rotation(self) -> list[int]:
+        first = self._next_lane
+        self._next_lane = (first + 1) % len(self._lanes)
+        return [*self._lanes[first:], *self._lanes[:first]]
+
+    def _readable(self, lane: int) -> bool:
+        return self._load_tail(lane) != self._positions[lane]
+
+    def _read_lane(self, lane: int, batch: Batch, max_records: int, max_bytes: int) -> bool:
+        """Append up to the given share of `lane`'s records to `batch`. True if more remain."""
+        position = self._positions[lane]
+        tail = self._load_tail(lane)
+        head = self._words[self.ring.control_word(lane, HEAD)]
+        if not (position <= tail and 0 <= tail - head <= self._capacity):
+            return self._reset_lane(lane, tail, batch)
+        base = self.ring.lane_offset(lane)
+        capacity, mask, view = self._capacity, self._mask, self._bytes
+        records, taken, nbytes = batch.records, 0, 0
+        while position < tail and taken < max_records and nbytes < max_bytes:
+            offset = position & mask
+            room = capacity - offset
+            size, kind, _, own_position = RECORD_HEADER.unpack_from(view, base + offset)
+            if own_position != position:
+                return self._reset_lane(lane, tail, batch)
+            if kind == KIND_PAD:
+                if size != room - 16 or position + room > tail:
+                    return self._reset_lane(lane, tail, batch)
+                position += room
+                continue
+            span = (size + 31) & -16
+            if kind != KIND_RECORD or size > self._max_record or span > room \
+                    or position + span > tail:
+                return self._reset_lane(lane, tail, batch)
+            start = base + offset + 16
+            records.append(view[start:start + size].tobytes())
+            position += span
+            taken += 1
+            nbytes += size
+        if taken or position != self._positions[lane]:
+            self._positions[lane] = position
+            _, count = batch.ends.get(lane, (0, 0))
+            batch.ends[lane] = (position, count + taken)
+            batch.nbytes += nbytes
+        return position < tail
+
+    def _reset_lane(self, lane: int, tail: int, batch: Batch) -> bool:
+        """Skip everything in a lane whose contents are inconsistent, and count it. Records
+        already read from it stay in their batches, but committing them must no longer move
+        this lane's head, which now stands at `tail`."""
+        control = self.ring.control_word(lane, 0)
+        self._words[control + CORRUPT_RESETS] += 1
+        self._positions[lane] = tail
+        self._store(lane, control + HEAD, tail)
+        self._words[control + CONSUMED] = self._words[control + APPENDED]
+        for read_batch in (*self._pending, batch):
+            read_batch.ends.pop(lane, None)
+        return False
+
+    def _load_tail(self, lane: int) -> int:
+        word = self.ring.control_word(lane, TAIL)
+        if not self.ring.locked_publish:
+            return self._words[word]
+        fd = self._sync_fd(lane)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            return self._words[word]
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _store(self, lane: int, word: int, value: int) -> None:
+        if not self.ring.locked_publish:
+            self._words[word] = value
+            return
+        fd = self._sync_fd(lane)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            self._words[word] = value
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _sync_fd(self, lane: int) -> int:
+        if lane not in self._sync_fds:
+            self._sync_fds[lane] = self.ring.open_lock(f"sync-{lane:03d}")
+        return self._sync_fds[lane]
