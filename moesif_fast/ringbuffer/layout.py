@@ -245,6 +245,26 @@ class RingFile:
     def overflow_lane(self) -> int:
         return self.geometry.lane_count - 1
 
+    @property
+    def reader_heartbeat_ns(self) -> int:
+        """time.time_ns() of the reader's last heartbeat (0: never had a reader)."""
+        return self.words[WORD_READER_HEARTBEAT]
+
+    def owned_lanes(self) -> list[int]:
+        """Dedicated lanes a live process owns now. Probes each lane's lock; a producer
+        claiming a lane at that instant skips to the next one, so probe rarely."""
+        owned = []
+        for lane in range(self.overflow_lane):
+            fd = self.open_lock(f"lane-{lane:03d}")
+            try:
+                if try_lock(fd):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                else:
+                    owned.append(lane)
+            finally:
+                os.close(fd)
+        return owned
+
     # -- counters --------------------------------------------------------------------------
 
     def stats(self) -> RingStats:

@@ -84,18 +84,22 @@ class Reader:
         """True when some lane holds records this reader has not read yet."""
         return any(self._load_tail(lane) != self._positions[lane] for lane in self._lanes)
 
-    def read(self, max_records: int, max_bytes: int) -> Batch:
+    def read(self, max_records: int, max_bytes: int, into: Batch | None = None) -> Batch:
         """Up to `max_records` records and about `max_bytes` payload bytes (at least one record
-        when any is ready, even a larger one). Empty when nothing is ready."""
+        when any is ready, even a larger one), appended to `into` (an uncommitted batch from
+        this reader) or to a new batch. A new batch is empty when nothing is ready."""
         self.heartbeat()
-        batch = Batch()
+        batch = into if into is not None else Batch()
+        limit_records = len(batch.records) + max_records
+        limit_bytes = batch.nbytes + max_bytes
+        was_empty = not batch.records
         ready = [lane for lane in self._rotation() if self._readable(lane)]
-        while ready and len(batch.records) < max_records and batch.nbytes < max_bytes:
-            share_records = max(1, (max_records - len(batch.records)) // len(ready))
-            share_bytes = max(1, (max_bytes - batch.nbytes) // len(ready))
+        while ready and len(batch.records) < limit_records and batch.nbytes < limit_bytes:
+            share_records = max(1, (limit_records - len(batch.records)) // len(ready))
+            share_bytes = max(1, (limit_bytes - batch.nbytes) // len(ready))
             ready = [lane for lane in ready if self._read_lane(lane, batch, share_records,
                                                                share_bytes)]
-        if batch.records:
+        if was_empty and batch.records:
             self._pending.append(batch)
         return batch
 

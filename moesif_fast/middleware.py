@@ -1,0 +1,194 @@
+"""MoesifMiddleware: capture each API call in the worker and append it to the event ring.
+
+The hot path copies what only the live request and response can give (headers, raw bodies,
+callback results, the transaction id) into a compact record (`record.py`) and appends it to
+this worker's lane of the shared ring. Body decoding, masks, JSON and the network all happen in
+the shipper process. Nothing here may raise into the application or block a request: a failure
+in capture, in a user callback or in the ring is logged (rate-limited) and the response goes
+out untouched, except for the `X-Moesif-Transaction-Id` header the reference also adds.
+
+Drop-in for moesifdjango: `moesif_fast.middleware.moesif_middleware` is this class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+
+from . import settings
+from .record import encode_call
+from .sink import EventSink
+
+logger = logging.getLogger("moesif_fast")
+
+TRANSACTION_HEADER_META = "HTTP_X_MOESIF_TRANSACTION_ID"
+TRANSACTION_HEADER = "x-moesif-transaction-id"  # the reference's (lower-case) response header
+MAX_CLIENT_TRANSACTION_ID = 200  # longer client-supplied ids are replaced by a fresh one
+ERROR_LOG_INTERVAL = 60.0  # seconds between two logged capture errors in one process
+
+_time_ns = time.time_ns
+_getrandbits = random.getrandbits  # reseeded in each forked child by the random module
+
+
+def new_transaction_id() -> str:
+    """A random version-4 UUID string (about 4x cheaper than str(uuid.uuid4()))."""
+    bits = _getrandbits(128) & ~(0xF000 << 64 | 0xC << 60) | (0x4000 << 64 | 0x8 << 60)
+    text = f"{bits:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+class MoesifMiddleware:
+    """Captures every request/response pair as a Moesif event (see the module docstring)."""
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+        options, problems = settings.configured()
+        for problem in problems:
+            log = logger.error if problem.is_serious() else logger.warning
+            log("moesif_fast: %s (%s)%s", problem.msg, problem.id,
+                f" Hint: {problem.hint}" if problem.hint else "")
+        if options is None:
+            logger.error("moesif_fast: MOESIF_MIDDLEWARE is invalid; requests are served "
+                         "but not captured.")
+        self.options = options
+        self._sink = EventSink(options) if options is not None else None
+        self.capture_errors = 0
+        self._next_error_log = 0.0
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        if self._sink is None:
+            return self.get_response(request)
+        request_time = _time_ns()
+        request_body = self._request_body(request) if self.options.LOG_BODY else None
+        response = self.get_response(request)
+        try:
+            self._capture(request, response, request_time, request_body)
+        except Exception:
+            self._capture_failed()
+        return response
+
+    def _request_body(self, request: HttpRequest) -> bytes | int | None:
+        """The raw request body, read before the view (which can still read it), or its size
+        when it is larger than MAX_BODY_SIZE (then it is left for the view to stream)."""
+        declared = request.META.get("CONTENT_LENGTH")
+        if not declared:
+            return None
+        try:
+            size = int(declared)
+            if size <= 0:
+                return None
+            if size > self.options.MAX_BODY_SIZE:
+                return size
+            return request.body or None
+        except Exception:  # RawPostDataException, RequestDataTooBig, a bad length, I/O errors
+            return None
+
+    def _capture(self, request: HttpRequest, response: HttpResponseBase, request_time: int,
+                 request_body: bytes | int | None) -> None:
+        response_time = _time_ns()
+        options = self.options
+        if options.SKIP is not None and self._callback(options.SKIP, request, response):
+            return
+        meta = request.META
+        transaction_id = None
+        if not options.DISABLE_TRANSACTION_ID:
+            transaction_id = meta.get(TRANSACTION_HEADER_META)
+            if not transaction_id or len(transaction_id) > MAX_CLIENT_TRANSACTION_ID:
+                transaction_id = new_transaction_id()
+            response[TRANSACTION_HEADER] = transaction_id
+        request_headers = [(key, value) for key, value in meta.items()
+                           if key[:5] == "HTTP_" and type(value) is str]
+        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            value = meta.get(key)
+            if type(value) is str:
+                request_headers.append((key, value))
+        response_body = None
+        if options.LOG_BODY and isinstance(response, HttpResponse):
+            content = response.content
+            if content:
+                response_body = content if len(content) <= options.MAX_BODY_SIZE \
+                    else len(content)
+        fields = (
+            "Incoming", request_time, response_time, request.method or "", _uri(request),
+            tuple(request_headers), meta.get("REMOTE_ADDR"), request_body,
+            response.status_code, _response_headers(response), response_body, transaction_id,
+            self._user_id(request, response),
+            self._callback(options.IDENTIFY_COMPANY, request, response),
+            self._session_token(request, response),
+            self._callback(options.GET_METADATA, request, response),
+            1,
+        )
+        try:
+            payload = encode_call(fields)
+        except ValueError:  # a callback returned something marshal cannot carry
+            payload = encode_call(fields[:12] + tuple(_plain(value) for value in fields[12:16])
+                                  + fields[16:])
+        self._sink.append(payload)
+
+    def _callback(self, callback: Callable[..., Any] | None, *args: object) -> Any:
+        if callback is None:
+            return None
+        try:
+            return callback(*args)
+        except Exception:
+            if self.options.LOCAL_DEBUG:
+                logger.warning("moesif_fast: %s raised; its value is left out of the event",
+                               getattr(callback, "__qualname__", callback), exc_info=True)
+            return None
+
+    def _user_id(self, request: HttpRequest, response: HttpResponseBase) -> Any:
+        user_id = self._callback(self.options.IDENTIFY_USER, request, response)
+        if user_id:
+            return user_id
+        try:
+            user = getattr(request, "user", None)  # absent without AuthenticationMiddleware
+            if user is not None and user.is_authenticated:
+                return user.get_username() or None
+        except Exception:
+            pass
+        return None  # the shipper then reads the Authorization header
+
+    def _session_token(self, request: HttpRequest, response: HttpResponseBase) -> Any:
+        session = getattr(request, "session", None)  # absent without SessionMiddleware
+        key = getattr(session, "session_key", None) if session is not None else None
+        return key or self._callback(self.options.GET_SESSION_TOKEN, request, response)
+
+    def _capture_failed(self) -> None:
+        self.capture_errors += 1
+        now = time.monotonic()
+        if now >= self._next_error_log:
+            self._next_error_log = now + ERROR_LOG_INTERVAL
+            logger.warning("moesif_fast: capturing a request failed (%d so far in this process); "
+                           "the response was sent unchanged", self.capture_errors, exc_info=True)
+
+
+moesif_middleware = MoesifMiddleware
+
+
+def _uri(request: HttpRequest) -> str:
+    try:
+        host = request.get_host()
+    except Exception:  # DisallowedHost: the app has answered 400 already; keep the raw host
+        host = request.META.get("HTTP_HOST") or request.META.get("SERVER_NAME", "")
+    return f"{request.scheme}://{host}{request.get_full_path()}"
+
+
+def _response_headers(response: HttpResponseBase) -> tuple[tuple[str, str], ...]:
+    store = getattr(response.headers, "_store", None)  # {lower name: (name, value)}
+    if isinstance(store, dict):
+        return tuple(store.values())
+    return tuple((str(name), str(value)) for name, value in response.items())
+
+
+def _plain(value: Any) -> Any:
+    """`value` as plain JSON types (datetimes, Decimals, sets... become strings)."""
+    return json.loads(json.dumps(value, default=str))

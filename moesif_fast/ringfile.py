@@ -1,0 +1,46 @@
+"""Which ring file a deployment uses: its geometry and path, derived from MOESIF_MIDDLEWARE.
+
+The gunicorn hooks, the middleware's fallback, the shipper and `stats` all call these, so every
+process of one deployment agrees on the file without talking to each other. The path encodes
+the geometry: a changed EVENT_QUEUE_SIZE or worker count gives a new file, never a mismatch.
+
+Sizing rule (documented in the README): the ring holds at most `options.ring_bytes` of lane data
+(RING_BYTES, or EVENT_QUEUE_SIZE × 4 KiB clamped to [4 MiB, 32 MiB]), split into power-of-two
+lanes, one per producer process plus one shared overflow lane; at most EVENT_QUEUE_SIZE events
+are held, split evenly across lanes. Beyond either bound new events are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .ringbuffer import Geometry
+from .settings import MoesifOptions
+
+RING_ENV = "MOESIF_FAST_RING"  # set by the gunicorn hooks; workers attach to this path
+FALLBACK_PRODUCERS = 16  # dedicated lanes when no hook told us the number of workers
+MAX_PRODUCERS = 64
+
+
+def producers_for_workers(workers: int) -> int:
+    """Dedicated lanes for a server of `workers` processes: room for a full set of
+    replacements during a reload (HUP) or recycling overlap, plus two spare."""
+    return max(4, min(MAX_PRODUCERS, 2 * workers + 2))
+
+
+def geometry(options: MoesifOptions, producers: int) -> Geometry:
+    return Geometry.for_size(options.ring_bytes, producers, options.EVENT_QUEUE_SIZE)
+
+
+def ring_path(options: MoesifOptions, settings_module: str, ring_geometry: Geometry) -> str:
+    """A path unique to this user, settings module, collector and geometry."""
+    identity = "\0".join([settings_module, options.base_uri, options.APPLICATION_ID or "",
+                          repr(ring_geometry)])
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return os.path.join(options.ring_dir, f"moesif_fast-{os.getuid()}-{digest}.ring")
+
+
+def shipper_stats_path(path: str) -> str:
+    """Where the shipper of the ring at `path` publishes its counters."""
+    return path + ".shipper.json"

@@ -1,0 +1,108 @@
+"""`python -m moesif_fast ship`: one shipper process, from Django settings to a running loop.
+
+It loads the same Django settings as the workers (`--settings`, or DJANGO_SETTINGS_MODULE),
+attaches to the ring (`--ring`, or the deployment's default ring, created if needed, which is
+where workers without gunicorn hooks write: the sidecar setup), and ships until SIGTERM/SIGINT,
+until the watched parent (`--parent`, the gunicorn arbiter) is gone, or, with `--idle-exit N`,
+until no producer has been alive and the ring has been empty for N seconds. Then it delivers
+what is left within SHUTDOWN_DEADLINE.
+
+Exit codes: 0 done (or another shipper already drains this ring), 1 events were left in the
+ring at the deadline, 2 bad configuration. (Never 3 or 4: older gunicorn arbiters halt on
+those.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from types import FrameType
+
+from .. import __version__, ringfile
+from ..ringbuffer import RingBusyError, RingFile
+from ..settings import MoesifOptions, configured
+from .loop import Shipper
+from .parent import ParentWatch
+from .transport import CollectorTransport
+
+logger = logging.getLogger("moesif_fast.shipper")
+
+EXIT_OK, EXIT_UNDELIVERED, EXIT_BAD_CONFIG = 0, 1, 2
+CHECK_INTERVAL = 1.0  # seconds between checks of the parent and of idleness
+
+
+def load_options(settings_module: str | None) -> MoesifOptions | None:
+    """Set up Django with the workers' settings and return the validated options."""
+    if settings_module:
+        os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
+    import django
+
+    django.setup()
+    options, problems = configured()
+    for problem in problems:
+        logger.log(logging.ERROR if problem.is_serious() else logging.WARNING,
+                   "moesif_fast: %s (%s)", problem.msg, problem.id)
+    return options
+
+
+def run_shipper(ring_path: str | None, settings_module: str | None, parent_pid: int | None,
+                idle_exit: float | None) -> int:
+    options = load_options(settings_module)
+    if options is None:
+        return EXIT_BAD_CONFIG
+    if ring_path is None:
+        module = os.environ["DJANGO_SETTINGS_MODULE"]
+        geometry = ringfile.geometry(options, ringfile.FALLBACK_PRODUCERS)
+        ring = RingFile.open(ringfile.ring_path(options, module, geometry), geometry)
+    else:
+        ring = RingFile.attach(ring_path)
+    transport = CollectorTransport(options.base_uri, options.APPLICATION_ID or "",
+                                   user_agent=f"moesif_fast-python/{__version__}")
+    try:
+        shipper = Shipper(ring, options, transport)
+    except RingBusyError as busy:
+        logger.info("moesif_fast shipper: %s; exiting", busy)
+        return EXIT_OK
+    logger.info("moesif_fast shipper %d: draining %s to %s", os.getpid(), ring.path,
+                options.base_uri)
+    finish = FinishConditions(ring, ParentWatch(parent_pid), idle_exit)
+    signal.signal(signal.SIGTERM, finish.request)
+    signal.signal(signal.SIGINT, finish.request)
+    delivered_all = shipper.run(finish, options.SHUTDOWN_DEADLINE)
+    transport.close()
+    return EXIT_OK if delivered_all else EXIT_UNDELIVERED
+
+
+class FinishConditions:
+    """Callable telling the loop when to finish: a signal, the parent gone, or idleness."""
+
+    def __init__(self, ring: RingFile, parent: ParentWatch, idle_exit: float | None) -> None:
+        self.ring = ring
+        self.parent = parent
+        self.idle_exit = idle_exit
+        self.requested = False
+        self._next_check = 0.0
+        self._idle_since: float | None = None
+
+    def request(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def __call__(self) -> bool:
+        if self.requested:
+            return True
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + CHECK_INTERVAL
+        if not self.parent.alive():
+            logger.info("moesif_fast shipper: the arbiter (pid %s) is gone", self.parent.pid)
+            return True
+        if self.idle_exit is None:
+            return False
+        if self.ring.stats().records_in_use or self.ring.owned_lanes():
+            self._idle_since = None
+            return False
+        self._idle_since = self._idle_since or now
+        return now - self._idle_since >= self.idle_exit

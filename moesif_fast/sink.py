@@ -1,0 +1,101 @@
+"""Where a worker's records go: the ring, and (without gunicorn hooks) a shipper to drain it.
+
+Under the gunicorn hooks the arbiter has created the ring and exported its path in
+MOESIF_FAST_RING before forking; the worker attaches to it on its first event. Without the
+hooks (runserver, uWSGI, tests) the worker opens the deployment's ring itself (the same path
+every process of the deployment derives, see `ringfile`) and, when the ring's reader heartbeat
+is stale, starts a detached `python -m moesif_fast ship --idle-exit ...` for it; the reader
+lock makes sure only one of those started by racing workers keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from . import ringfile
+from .ringbuffer import Producer, RingError, RingFile
+from .settings import MoesifOptions
+
+logger = logging.getLogger("moesif_fast")
+
+SHIPPER_CHECK_INTERVAL = 2.0  # seconds between checks of the reader heartbeat (fallback mode)
+SHIPPER_STALE_AFTER_NS = 5_000_000_000  # a heartbeat older than this means no shipper
+SHIPPER_IDLE_EXIT = 60  # seconds a fallback shipper waits with nothing to do before exiting
+ATTACH_RETRY_INTERVAL = 5.0  # seconds between attempts when the ring cannot be attached
+
+
+class EventSink:
+    """The worker's handle on the ring. Attaches lazily, so that it can be created in a
+    gunicorn arbiter (--preload) and used in the forked workers."""
+
+    def __init__(self, options: MoesifOptions) -> None:
+        self._options = options
+        self._producer: Producer | None = None
+        self._retry_attach_at = 0.0
+        self._fallback_settings: str | None = None  # set in fallback mode
+        self._next_shipper_check = 0.0
+        self._started_shipper: subprocess.Popen[bytes] | None = None
+        self.unrecorded_drops = 0  # records lost before any ring was attached
+
+    def append(self, payload: bytes) -> bool:
+        """Append one record; False when it was dropped (the ring or this sink counted it)."""
+        producer = self._producer or self._attach()
+        if producer is None:
+            self.unrecorded_drops += 1
+            return False
+        written = producer.append(payload)
+        if self._fallback_settings and time.monotonic() >= self._next_shipper_check:
+            self._ensure_shipper(producer.ring)
+        return written
+
+    def _attach(self) -> Producer | None:
+        now = time.monotonic()
+        if now < self._retry_attach_at:
+            return None
+        self._retry_attach_at = now + ATTACH_RETRY_INTERVAL
+        try:
+            ring = self._open_ring()
+        except (OSError, RingError) as error:
+            logger.error("moesif_fast: cannot attach to the event ring (%s); events are dropped "
+                         "until it can be attached", error)
+            return None
+        self._producer = Producer(ring)
+        return self._producer
+
+    def _open_ring(self) -> RingFile:
+        path = os.environ.get(ringfile.RING_ENV)
+        if path:
+            return RingFile.attach(path)
+        settings_module = os.environ.get("DJANGO_SETTINGS_MODULE")
+        if not settings_module:
+            raise RingError("no gunicorn hooks (MOESIF_FAST_RING) and no DJANGO_SETTINGS_MODULE "
+                            "for a fallback shipper to load")
+        geometry = ringfile.geometry(self._options, ringfile.FALLBACK_PRODUCERS)
+        ring = RingFile.open(ringfile.ring_path(self._options, settings_module, geometry),
+                             geometry)
+        self._fallback_settings = settings_module
+        return ring
+
+    def _ensure_shipper(self, ring: RingFile) -> None:
+        """Fallback mode: start a shipper if the ring's reader heartbeat is stale."""
+        self._next_shipper_check = time.monotonic() + SHIPPER_CHECK_INTERVAL
+        if self._started_shipper is not None and self._started_shipper.poll() is None:
+            return
+        if time.time_ns() - ring.reader_heartbeat_ns < SHIPPER_STALE_AFTER_NS:
+            return
+        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        command = [sys.executable, "-m", "moesif_fast", "ship", "--ring", ring.path,
+                   "--settings", self._fallback_settings or "",
+                   "--idle-exit", str(SHIPPER_IDLE_EXIT)]
+        try:
+            self._started_shipper = subprocess.Popen(
+                command, env=environment, stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as error:
+            logger.error("moesif_fast: cannot start a shipper (%s): %s", error, command)
+            return
+        # Give the new shipper time to heartbeat before the next staleness check.
+        self._next_shipper_check = time.monotonic() + SHIPPER_STALE_AFTER_NS / 1e9

@@ -1,0 +1,119 @@
+"""`python -m moesif_fast stats`: what the ring and its shipper are doing, from any process.
+
+Reads the ring's counters (never writes, so it does not disturb the writers) and the shipper's
+published counters next to it, and prints them as text or JSON.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+from .ringbuffer import RingError, RingFile
+from .ringfile import shipper_stats_path
+
+
+def find_rings(directory: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(directory, f"moesif_fast-{os.getuid()}-*.ring")))
+
+
+def collect(path: str) -> dict[str, Any]:
+    """Ring and shipper counters of the ring at `path`, as plain data."""
+    ring = RingFile.attach(path)
+    try:
+        stats = ring.stats()
+    finally:
+        ring.close()
+    try:
+        with open(shipper_stats_path(path)) as file:
+            shipper = json.load(file)
+    except (OSError, ValueError):
+        shipper = None
+    lanes = [dict(asdict(lane), records_in_use=lane.records_in_use) for lane in stats.lanes]
+    return {
+        "ring": path,
+        "capacity_bytes": stats.capacity,
+        "lane_capacity": stats.lane_capacity,
+        "max_record": stats.max_record,
+        "bytes_in_use": stats.bytes_in_use,
+        "records_in_use": stats.records_in_use,
+        "appended": stats.appended,
+        "dropped": stats.dropped,
+        "committed": stats.committed_records,
+        "reader_pid": stats.reader_pid,
+        "reader_heartbeat_age_s": _age(stats.reader_heartbeat_ns),
+        "lanes": lanes,
+        "shipper": shipper,
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    lanes = report["lanes"]
+    lines = [
+        f"ring {report['ring']}",
+        f"  {len(lanes)} lanes x {report['lane_capacity'] >> 10} KiB (last one shared), "
+        f"largest event {report['max_record'] >> 10} KiB",
+        f"  held now    {report['records_in_use']} events, {report['bytes_in_use'] >> 10} KiB "
+        f"({100 * report['bytes_in_use'] / report['capacity_bytes']:.1f} % full)",
+        f"  appended    {report['appended']}   committed {report['committed']}   "
+        f"dropped {report['dropped']} (full {_sum(lanes, 'dropped_full')}, too large "
+        f"{_sum(lanes, 'dropped_oversize')}, busy {_sum(lanes, 'dropped_busy')})   "
+        f"corrupt resets {_sum(lanes, 'corrupt_resets')}",
+        f"  reader      pid {report['reader_pid']}, heartbeat "
+        f"{_seconds(report['reader_heartbeat_age_s'])} ago",
+    ]
+    shipper = report["shipper"]
+    if shipper:
+        lines.append(
+            f"  shipper     pid {shipper['pid']}: delivered {shipper['delivered']}, refused "
+            f"{shipper['refused']}, undecodable {shipper['undecodable']}, masked out "
+            f"{shipper['masked_out']}, build errors {shipper['build_errors']}, in flight "
+            f"{shipper['in_flight']} batches; last delivery "
+            f"{_seconds(_age(shipper['last_delivery_ns']))} ago; counters "
+            f"{_seconds(_age(shipper['heartbeat_ns']))} old")
+        if shipper.get("last_error"):
+            lines.append(f"  last error  {shipper['last_error']}")
+    else:
+        lines.append("  shipper     no counters published yet")
+    lines.append("  lane  owner pid   appended       held   dropped  corrupt")
+    for lane in lanes:
+        dropped = lane["dropped_full"] + lane["dropped_oversize"] + lane["dropped_busy"]
+        name = "ovf" if lane["overflow"] else str(lane["lane"])
+        lines.append(f"  {name:>4}  {lane['owner_pid']:>9}  {lane['appended']:>9}  "
+                     f"{lane['records_in_use']:>9}  {dropped:>8}  {lane['corrupt_resets']:>7}")
+    return "\n".join(lines)
+
+
+def main(paths: list[str], directory: str, as_json: bool) -> int:
+    paths = paths or find_rings(directory)
+    if not paths:
+        print(f"no moesif_fast ring in {directory} (is the server running? see --dir)")
+        return 1
+    reports = []
+    for path in paths:
+        try:
+            reports.append(collect(path))
+        except (OSError, RingError) as error:
+            print(f"{path}: {error}")
+            return 1
+    if as_json:
+        print(json.dumps(reports, indent=2))
+    else:
+        print("\n\n".join(render(report) for report in reports))
+    return 0
+
+
+def _age(time_ns: int) -> float | None:
+    return (time.time_ns() - time_ns) / 1e9 if time_ns else None
+
+
+def _seconds(age: float | None) -> str:
+    return "never" if age is None else f"{age:.1f} s"
+
+
+def _sum(lanes: list[dict[str, Any]], key: str) -> int:
+    return sum(lane[key] for lane in lanes)

@@ -1,0 +1,445 @@
+"""CollectorTransport against a scripted HTTP collector on 127.0.0.1: delivery, retries, refusal."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.message import Message
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from moesif_fast.shipper.transport import CollectorTransport, Outcome
+
+APPLICATION_ID = "app-id-for-tests"
+USER_AGENT = "moesif-fast-tests/1.0"
+BATCH_PATH = "/v1/events/batch"
+# Small timeouts and waits keep the file fast; tests that need longer waits say so.
+FAST_OPTIONS = {"connect_timeout": 1.0, "read_timeout": 2.0, "max_backoff": 0.2}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer. status None: close the connection without answering."""
+
+    status: int | None = 201
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request as the collector saw it, body already gunzipped."""
+
+    method: str
+    path: str
+    headers: Message
+    body: bytes
+    client_port: int
+    at: float  # time.monotonic() on arrival
+
+
+class ScriptedCollector:
+    """An HTTP/1.1 server that records every request and answers from a script.
+
+    Replies are used in order; the last one repeats once the script runs out (201 by default).
+    """
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self._replies = [Reply()]
+        self._changed = threading.Condition()
+        self._closing = threading.Event()
+        self._server = _QuietServer(("127.0.0.1", 0), _Handler)
+        self._server.collector = self
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def base_uri(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def answer(self, *replies: Reply) -> None:
+        with self._changed:
+            self._replies = list(replies)
+
+    def wait_for_requests(self, count: int, timeout: float = 10.0) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(self.received) >= count, timeout)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        body = handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
+        if handler.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        with self._changed:
+            self.received.append(Received(
+                handler.command, handler.path, handler.headers, body,
+                handler.client_address[1], time.monotonic(),
+            ))
+            reply = self._replies.pop(0) if len(self._replies) > 1 else self._replies[0]
+            self._changed.notify_all()
+        if reply.delay:
+            self._closing.wait(reply.delay)
+        if reply.status is None:
+            handler.close_connection = True
+            return
+        handler.send_response(reply.status)
+        for name, value in reply.headers.items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(reply.body)))
+        handler.end_headers()
+        handler.wfile.write(reply.body)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+    collector: ScriptedCollector
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Clients that time out leave broken pipes behind; they are expected here."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 10  # idle keep-alive connections end on their own
+    server: _QuietServer
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.server.collector.handle(self)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.server.collector.handle(self)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        """Keep the test output clean."""
+
+
+@pytest.fixture
+def collector() -> Iterator[ScriptedCollector]:
+    server = ScriptedCollector()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make_transport() -> Iterator[Callable[..., CollectorTransport]]:
+    made: list[CollectorTransport] = []
+
+    def make(base_uri: str, **options: float) -> CollectorTransport:
+        transport = CollectorTransport(
+            base_uri, APPLICATION_ID, user_agent=USER_AGENT, **{**FAST_OPTIONS, **options}
+        )
+        made.append(transport)
+        return transport
+
+    yield make
+    for transport in made:
+        transport.close()
+
+
+def post_batch(
+    transport: CollectorTransport,
+    payload: bytes = b'[{"request": {}}]',
+    *,
+    give_up_at: float | None = None,
+    stop: threading.Event | None = None,
+) -> Outcome:
+    return transport.post(
+        BATCH_PATH, payload, compress=True, give_up_at=give_up_at, stop=stop or threading.Event()
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_delivers_gzipped_payload_with_collector_headers(collector, make_transport):
+    collector.answer(Reply(201))
+    payload = json.dumps([{"request": {"verb": "GET"}, "response": {"status": 200}}]).encode()
+
+    outcome = post_batch(make_transport(collector.base_uri), payload)
+
+    assert outcome == Outcome(delivered=True, permanent=False, status=201, attempts=1, error=None)
+    [request] = collector.received
+    assert (request.method, request.path, request.body) == ("POST", BATCH_PATH, payload)
+    assert request.headers["X-Moesif-Application-Id"] == APPLICATION_ID
+    assert request.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert request.headers["Content-Encoding"] == "gzip"
+    assert request.headers["User-Agent"] == USER_AGENT
+
+
+def test_uncompressed_payload_is_sent_as_is(collector, make_transport):
+    transport = make_transport(collector.base_uri)
+
+    outcome = transport.post(
+        "/v1/users", b'{"user_id": "u1"}', compress=False, give_up_at=None, stop=threading.Event()
+    )
+
+    assert outcome.delivered
+    [request] = collector.received
+    assert request.body == b'{"user_id": "u1"}'
+    assert request.headers["Content-Encoding"] is None
+
+
+def test_keeps_no_cookies_between_requests(collector, make_transport):
+    collector.answer(Reply(201, {"Set-Cookie": "AWSALB=sticky; Path=/"}), Reply(201))
+    transport = make_transport(collector.base_uri)
+
+    post_batch(transport)
+    post_batch(transport)
+
+    assert [request.headers["Cookie"] for request in collector.received] == [None, None]
+
+
+def test_returns_config_etag_and_rules_tag_of_the_delivery(collector, make_transport):
+    collector.answer(Reply(200, {"X-Moesif-Config-ETag": "etag-7", "X-Moesif-Rules-Tag": "tag-3"}))
+
+    outcome = post_batch(make_transport(collector.base_uri))
+
+    assert (outcome.config_etag, outcome.rules_tag) == ("etag-7", "tag-3")
+
+
+def test_retries_server_errors_until_delivered(collector, make_transport):
+    collector.answer(Reply(503), Reply(503), Reply(201))
+
+    outcome = post_batch(make_transport(collector.base_uri), b"[1, 2, 3]")
+
+    assert (outcome.delivered, outcome.status, outcome.attempts) == (True, 201, 3)
+    assert [request.body for request in collector.received] == [b"[1, 2, 3]"] * 3
+
+
+@pytest.mark.parametrize("failure", [Reply(None), Reply(408), Reply(500), Reply(502)])
+def test_retries_dropped_connections_and_transient_statuses(collector, make_transport, failure):
+    collector.answer(failure, Reply(201))
+
+    outcome = post_batch(make_transport(collector.base_uri))
+
+    assert (outcome.delivered, outcome.attempts) == (True, 2)
+
+
+def test_waits_as_long_as_retry_after_asks(collector, make_transport):
+    collector.answer(Reply(429, {"Retry-After": "1"}), Reply(201))
+
+    outcome = post_batch(make_transport(collector.base_uri, max_backoff=5.0))
+
+    assert (outcome.delivered, outcome.attempts) == (True, 2)
+    first, second = collector.received
+    assert second.at - first.at >= 0.9
+
+
+def test_honours_retry_after_as_http_date(collector, make_transport):
+    collector.answer(Reply(503, {"Retry-After": formatdate(time.time() + 2, usegmt=True)}), Reply())
+
+    outcome = post_batch(make_transport(collector.base_uri, max_backoff=5.0))
+
+    assert (outcome.delivered, outcome.attempts) == (True, 2)
+    first, second = collector.received
+    assert second.at - first.at >= 0.8  # the date has whole seconds: between 1 and 2 s from now
+
+
+def test_huge_retry_after_is_capped_at_max_backoff(collector, make_transport):
+    collector.answer(Reply(429, {"Retry-After": "3600"}), Reply(201))
+    started = time.monotonic()
+
+    outcome = post_batch(make_transport(collector.base_uri, max_backoff=0.3))
+
+    assert (outcome.delivered, outcome.attempts) == (True, 2)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    "retry_after", ["soon", "-1", "1.5", "Fri, 31 Dec 99999 23:59:59 GMT"]
+)
+def test_unreadable_retry_after_falls_back_to_backoff(collector, make_transport, retry_after):
+    collector.answer(Reply(503, {"Retry-After": retry_after}), Reply(201))
+
+    outcome = post_batch(make_transport(collector.base_uri))
+
+    assert (outcome.delivered, outcome.attempts) == (True, 2)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 413])
+def test_client_errors_are_permanent(collector, make_transport, status):
+    collector.answer(Reply(status, body=b'{"message": "bad application id"}'))
+
+    outcome = post_batch(make_transport(collector.base_uri))
+
+    assert (outcome.delivered, outcome.permanent, outcome.status) == (False, True, status)
+    assert outcome.attempts == 1
+    assert str(status) in outcome.error
+    assert "bad application id" in outcome.error
+    assert len(collector.received) == 1
+
+
+def test_permanent_refusal_is_logged_with_status_and_body(collector, make_transport, caplog):
+    collector.answer(Reply(400, body=b"x" * 1000))
+
+    with caplog.at_level("WARNING", logger="moesif_fast.shipper"):
+        post_batch(make_transport(collector.base_uri))
+
+    [record] = caplog.records
+    assert "400" in record.getMessage()
+    assert "x" * 200 in record.getMessage()
+    assert "x" * 201 not in record.getMessage()
+
+
+def test_redirect_is_not_followed(collector, make_transport):
+    collector.answer(Reply(302, {"Location": "https://elsewhere.example/v1/events/batch"}))
+
+    outcome = post_batch(make_transport(collector.base_uri))
+
+    assert (outcome.delivered, outcome.permanent, outcome.status) == (False, True, 302)
+    assert "https://elsewhere.example/v1/events/batch" in outcome.error
+    assert [request.method for request in collector.received] == ["POST"]
+
+
+def test_refused_connection_is_retried_until_the_deadline(make_transport, caplog):
+    transport = make_transport(f"http://127.0.0.1:{closed_port()}")
+    started = time.monotonic()
+
+    with caplog.at_level("WARNING", logger="moesif_fast.shipper"):
+        outcome = post_batch(transport, give_up_at=started + 1.5)
+
+    assert (outcome.delivered, outcome.permanent, outcome.status) == (False, False, None)
+    assert outcome.attempts >= 2
+    assert "refused" in outcome.error.lower()
+    assert time.monotonic() - started < 4
+    assert "gave up" in caplog.text
+
+
+def test_read_timeout_is_retried(collector, make_transport):
+    collector.answer(Reply(201, delay=5.0), Reply(201))
+
+    outcome = post_batch(make_transport(collector.base_uri, read_timeout=0.5))
+
+    assert (outcome.delivered, outcome.attempts) == (True, 2)
+
+
+def test_gives_up_at_once_when_the_next_wait_would_pass_the_deadline(collector, make_transport):
+    collector.answer(Reply(503, {"Retry-After": "30"}))
+    started = time.monotonic()
+
+    outcome = post_batch(
+        make_transport(collector.base_uri, max_backoff=30.0), give_up_at=started + 10
+    )
+
+    assert (outcome.delivered, outcome.permanent, outcome.status) == (False, False, 503)
+    assert outcome.attempts == 1
+    assert time.monotonic() - started < 5
+
+
+def test_stop_interrupts_a_long_backoff(collector, make_transport):
+    collector.answer(Reply(503, {"Retry-After": "60"}))
+    transport = make_transport(collector.base_uri, max_backoff=60.0)
+    stop = threading.Event()
+    outcomes: list[Outcome] = []
+    sender = threading.Thread(target=lambda: outcomes.append(post_batch(transport, stop=stop)))
+    sender.start()
+    collector.wait_for_requests(1)
+
+    stop.set()
+    stopped_at = time.monotonic()
+    sender.join(timeout=10)
+
+    assert not sender.is_alive()
+    assert time.monotonic() - stopped_at < 3
+    [outcome] = outcomes
+    assert (outcome.delivered, outcome.permanent, outcome.attempts) == (False, False, 1)
+
+
+def test_nothing_is_sent_once_stopped_or_past_the_deadline(collector, make_transport):
+    transport = make_transport(collector.base_uri)
+    stop = threading.Event()
+    stop.set()
+
+    stopped = post_batch(transport, stop=stop)
+    too_late = post_batch(transport, give_up_at=time.monotonic() - 1)
+
+    assert (stopped.delivered, stopped.attempts) == (False, 0)
+    assert (too_late.delivered, too_late.attempts) == (False, 0)
+    assert collector.received == []
+
+
+@pytest.mark.parametrize(
+    ("base_suffix", "path", "expected_path"),
+    [
+        ("", BATCH_PATH, BATCH_PATH),
+        ("/", BATCH_PATH, BATCH_PATH),
+        ("/moesif", BATCH_PATH, "/moesif/v1/events/batch"),
+        ("/moesif/", BATCH_PATH, "/moesif/v1/events/batch"),
+        ("/moesif//", "//v1//events/batch", "/moesif/v1/events/batch"),
+    ],
+)
+def test_joins_base_uri_and_path(collector, make_transport, base_suffix, path, expected_path):
+    transport = make_transport(collector.base_uri + base_suffix)
+
+    transport.post(path, b"[]", compress=True, give_up_at=None, stop=threading.Event())
+
+    assert [request.path for request in collector.received] == [expected_path]
+
+
+def test_concurrent_posts_from_pool_size_threads_are_all_delivered(collector, make_transport):
+    transport = make_transport(collector.base_uri, pool_size=4)
+    payloads = [json.dumps([{"n": n}]).encode() for n in range(40)]
+    outcomes: list[Outcome] = []
+
+    def send(share: list[bytes]) -> None:
+        outcomes.extend(post_batch(transport, payload) for payload in share)
+
+    senders = [threading.Thread(target=send, args=(payloads[i::4],)) for i in range(4)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(timeout=30)
+
+    assert len(outcomes) == 40
+    assert all(outcome.delivered for outcome in outcomes)
+    assert sorted(request.body for request in collector.received) == sorted(payloads)
+    assert len({request.client_port for request in collector.received}) <= 4
+
+
+def test_get_json_returns_the_parsed_body(collector, make_transport):
+    collector.answer(Reply(200, {"X-Moesif-Config-ETag": "etag-1"}, b'{"sample_rate": 50}'))
+    transport = make_transport(collector.base_uri)
+
+    outcome, body = transport.get_json("/v1/config", give_up_at=None, stop=threading.Event())
+
+    assert (outcome.delivered, outcome.config_etag, body) == (True, "etag-1", {"sample_rate": 50})
+    [request] = collector.received
+    assert (request.method, request.path, request.body) == ("GET", "/v1/config", b"")
+    assert request.headers["X-Moesif-Application-Id"] == APPLICATION_ID
+
+
+@pytest.mark.parametrize("reply", [Reply(200, body=b"<html>"), Reply(404, body=b"{}")])
+def test_get_json_has_no_body_without_a_json_2xx(collector, make_transport, reply):
+    collector.answer(reply)
+    transport = make_transport(collector.base_uri)
+
+    outcome, body = transport.get_json("/v1/rules", give_up_at=None, stop=threading.Event())
+
+    assert body is None
+    assert outcome.delivered == (reply.status == 200)
+
+
+@pytest.mark.parametrize(
+    "base_uri", ["api.moesif.net", "ftp://api.moesif.net", "http://", "https://x.example/?a=1"]
+)
+def test_rejects_a_base_uri_that_is_not_an_http_url(base_uri):
+    with pytest.raises(ValueError, match="not an http:// or https:// URL"):
+        CollectorTransport(base_uri, APPLICATION_ID, user_agent=USER_AGENT)
