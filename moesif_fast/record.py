@@ -80,9 +80,17 @@ def decode(payload: bytes) -> CapturedCall | None:
         and _is_pairs(call.response_headers)
         and type(call.status) is int
         and type(call.weight) is int
+        and (call.remote_addr is None or type(call.remote_addr) is str)
+        and (call.transaction_id is None or type(call.transaction_id) is str)
+        and _is_body(call.request_body)
+        and _is_body(call.response_body)
     ):
         return None
     return call
+
+
+def _is_body(value: object) -> bool:
+    return value is None or type(value) in (bytes, int)
 
 
 def _is_pairs(value: object) -> bool:
