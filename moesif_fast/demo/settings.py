@@ -1,6 +1,7 @@
 """Settings of the example API. The environment chooses the collector and extra options:
 MOESIF_DEMO_BASE_URI, MOESIF_DEMO_APPLICATION_ID, and MOESIF_DEMO_OPTIONS (a JSON object
-merged into MOESIF_MIDDLEWARE, e.g. {"RING_DIR": "/tmp/x", "BATCH_SIZE": 50})."""
+merged into MOESIF_MIDDLEWARE, e.g. {"RING_DIR": "/tmp/x", "BATCH_SIZE": 50}); MOESIF_DEMO_CAPTURE=0
+leaves the middleware out (the benchmarks' baseline)."""
 
 import json
 import os
@@ -12,7 +13,8 @@ ROOT_URLCONF = "moesif_fast.demo.urls"
 INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth"]
 DATABASES = {}
 USE_TZ = True
-MIDDLEWARE = ["moesif_fast.middleware.MoesifMiddleware"]
+MIDDLEWARE = (["moesif_fast.middleware.MoesifMiddleware"]
+              if os.environ.get("MOESIF_DEMO_CAPTURE", "1") != "0" else [])
 LOGGING_CONFIG = None
 
 MOESIF_MIDDLEWARE = {

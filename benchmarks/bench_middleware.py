@@ -1,0 +1,105 @@
+"""Middleware cost per request, in process: a 1 KB JSON POST answered with 1 KB of JSON.
+
+Side by side in one run: the view alone (baseline), the view behind moesif_fast's middleware
+(appending to a real ring that is drained between rounds), and, when installed
+(`pip install -e '.[bench]'`), the view behind moesifdjango 2.3.13's middleware. The cost added
+by a middleware is its median minus the baseline's median.
+
+    python -m pytest benchmarks/bench_middleware.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+
+import pytest
+
+os.environ["DJANGO_SETTINGS_MODULE"] = "moesif_fast.demo.settings"
+
+import django  # noqa: E402
+
+django.setup()
+
+from django.http import HttpRequest, HttpResponse, JsonResponse  # noqa: E402
+from django.test import RequestFactory  # noqa: E402
+
+from moesif_fast import ringfile  # noqa: E402
+from moesif_fast.demo.run import start_collector, stop  # noqa: E402
+from moesif_fast.middleware import MoesifMiddleware  # noqa: E402
+from moesif_fast.ringbuffer import Geometry, Reader, RingFile  # noqa: E402
+
+ROUNDS = 20_000
+REQUEST_JSON = json.dumps({"user": "ada", "items": [{"id": n, "name": f"item {n}"}
+                                                    for n in range(30)]})[:1000]
+RESPONSE_DATA = {"ok": True, "items": [{"id": n, "label": f"label {n}"} for n in range(35)]}
+REQUEST_JSON = REQUEST_JSON[:REQUEST_JSON.rindex("}, {")] + "}]}"  # valid JSON, under 1 KB
+HEADERS = {"HTTP_USER_AGENT": "bench/1.0", "HTTP_ACCEPT": "application/json",
+           "HTTP_AUTHORIZATION": "Bearer abc.def.ghi", "HTTP_X_REQUEST_ID": "r-1",
+           "HTTP_ACCEPT_ENCODING": "gzip"}
+
+
+def view(request: HttpRequest) -> HttpResponse:
+    """A JSON API view: reads the 1 KB JSON body, answers 1 KB of JSON."""
+    return JsonResponse({**RESPONSE_DATA, "user": json.loads(request.body)["user"]})
+
+
+def make_request() -> tuple[tuple[HttpRequest], dict[str, object]]:
+    request = RequestFactory().post("/api/echo", REQUEST_JSON, content_type="application/json",
+                                    **HEADERS)
+    return (request,), {}
+
+
+@pytest.fixture(scope="module")
+def ring_reader() -> Iterator[Reader]:
+    """A ring the middleware appends to (as under the gunicorn hooks), drained by this test."""
+    with tempfile.TemporaryDirectory() as directory:
+        ring = RingFile.create(os.path.join(directory, "bench.ring"),
+                               Geometry.for_size(16 << 20, 4, 1_000_000))
+        os.environ[ringfile.RING_ENV] = ring.path
+        reader = Reader(ring)
+        yield reader
+        reader.close()
+        del os.environ[ringfile.RING_ENV]
+
+
+@pytest.fixture(scope="module")
+def collector_url() -> Iterator[str]:
+    with tempfile.TemporaryDirectory() as directory:
+        process, url = start_collector(directory)
+        yield url
+        stop(process)
+
+
+def drained(reader: Reader) -> Callable[[], tuple[tuple[HttpRequest], dict[str, object]]]:
+    def setup() -> tuple[tuple[HttpRequest], dict[str, object]]:
+        while len(batch := reader.read(10_000, 1 << 30)):
+            reader.commit(batch)
+        return make_request()
+    return setup
+
+
+def test_view_alone(benchmark) -> None:
+    response = benchmark.pedantic(view, setup=make_request, rounds=ROUNDS)
+    assert response.status_code == 200
+
+
+def test_moesif_fast(benchmark, ring_reader: Reader) -> None:
+    middleware = MoesifMiddleware(view)
+    response = benchmark.pedantic(middleware, setup=drained(ring_reader), rounds=ROUNDS)
+    assert response.status_code == 200 and response["x-moesif-transaction-id"]
+    assert middleware.capture_errors == 0
+    assert ring_reader.ring.stats().dropped == 0
+
+
+def test_moesifdjango_2_3_13(benchmark, collector_url: str) -> None:
+    middleware_module = pytest.importorskip("moesifdjango.middleware")
+    from django.test import override_settings
+
+    options = {"APPLICATION_ID": "demo-application-id", "BASE_URI": collector_url}
+    with override_settings(MOESIF_MIDDLEWARE=options):
+        middleware = middleware_module.moesif_middleware(view)
+        response = benchmark.pedantic(middleware, setup=make_request, rounds=ROUNDS)
+    assert response.status_code == 200

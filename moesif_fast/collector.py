@@ -1,0 +1,927 @@
+"""A local Moesif-compatible collector: it stores in SQLite what a Moesif client sends.
+
+It serves the collector endpoints of Moesif's API on loopback (events, users, companies,
+subscriptions, config, rules, health probe), so the project's tests, the demo and curious users
+can see exactly what would be sent. Standard library only.
+
+Ingestion (`POST /v1/...`):
+- bodies may be gzip (`Content-Encoding: gzip`) or plain, with a Content-Length (chunked is
+  411); at most `MAX_BODY_BYTES` on the wire and after inflating. A larger declared body is read
+  and thrown away in chunks, never held, then answered 413: the client that sends it all gets
+  the answer instead of a reset, and the connection stays usable;
+- `X-Moesif-Application-Id` must equal the configured id, or be non-empty when none is
+  configured (401 otherwise);
+- bad gzip, bad JSON or a wrong shape is answered 400 with `{"error": "..."}` (an event needs
+  string request.time/uri/verb, and a response, when not null, a string time and an integer
+  status; an entity needs its ids, see ENTITY_ID_KEYS); success is 201
+  with an empty body. A 201 to `POST /v1/events/batch` carries the current
+  `X-Moesif-Config-ETag` and `X-Moesif-Rules-Tag`.
+
+Control API (no application id), for tests of a client against a misbehaving collector:
+- `POST /_collector/faults` `{"status": 503, "every": 3, "retry_after": 1, "delay_s": 0.5}`:
+  sleep `delay_s` before answering each authorized ingestion request, and answer `status` (with
+  `Retry-After` when given) to every `every`-th one, storing nothing for it. `{}` clears.
+- `PUT /_collector/config`, `PUT /_collector/rules`: the JSON body becomes what `GET /v1/config`
+  (an object) or `GET /v1/rules` (an array) serves, under a new tag.
+- `GET /_collector/stats`: `read_stats`. `GET /_collector/events[?since_id=N]`: the stored event
+  bodies as one JSON array in arrival order. Event ids are 1, 2, 3... so a reader that has seen
+  N events asks for `since_id=N`.
+
+Storage: one SQLite file in WAL mode, so other processes can read it while the collector writes;
+the `read_*` functions take only its path. Tables:
+- `requests(id, received_at, method, path, status)`: every request outside the control API;
+- `batches(id, received_at, path, event_count, raw_bytes, gzip)`: one per stored ingestion
+  request; `event_count` counts the events or entities it carried, `raw_bytes` is the body's
+  size on the wire, `gzip` is 1 when it was gzip;
+- `events(id, batch_id, received_at, direction, transaction_id, request_header_txn_id, uri, verb,
+  status, body)`: `body` is the event's JSON text exactly as received;
+  `request_header_txn_id` is the request's `X-Moesif-Transaction-Id` header, any key case;
+- `entities(id, batch_id, kind, body)`: kind is 'user', 'company' or 'subscription'.
+`received_at` is Unix time in seconds.
+
+Python API: `LocalCollector` serves from a thread of the calling process (tests); the `read_*`
+functions read the file from any process. Command line: `main` (`python -m moesif_fast
+collector`), loopback only unless `--allow-remote`.
+
+All handler threads share one SQLite connection behind a lock: SQLite admits one writer at a
+time anyway, the lock makes that explicit (no SQLITE_BUSY between threads) and makes id order
+the arrival order. Reads open their own short-lived connection, which WAL lets run alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple, TypeVar
+from urllib.parse import parse_qs
+
+logger = logging.getLogger(__name__)
+Checked = TypeVar("Checked")
+
+MAX_BODY_BYTES = 50 * 1024 * 1024
+"""Moesif's limit for one request body, compressed or not: 50 MB, taken as 50 MiB."""
+
+DEFAULT_CONFIG: dict[str, Any] = {"sample_rate": 100}
+DEFAULT_DB_PATH = Path("moesif-collector.sqlite3")
+
+APPLICATION_ID_HEADER = "X-Moesif-Application-Id"
+CONFIG_ETAG_HEADER = "X-Moesif-Config-ETag"
+RULES_TAG_HEADER = "X-Moesif-Rules-Tag"
+TRANSACTION_ID_HEADER = "x-moesif-transaction-id"
+
+EVENTS_BATCH_PATH = "/v1/events/batch"
+CONTROL_PREFIX = "/_collector/"
+
+ENTITY_ID_KEYS = {
+    "user": ("user_id",),
+    "company": ("company_id",),
+    "subscription": ("subscription_id", "company_id"),
+}
+"""Entity kind → the keys each of its objects must carry (not null)."""
+
+
+class IngestionRoute(NamedTuple):
+    kind: str
+    """'event' or one of ENTITY_ID_KEYS."""
+    is_batch: bool
+
+
+INGESTION_ROUTES = {
+    "/v1/events": IngestionRoute("event", False),
+    EVENTS_BATCH_PATH: IngestionRoute("event", True),
+    "/v1/users": IngestionRoute("user", False),
+    "/v1/users/batch": IngestionRoute("user", True),
+    "/v1/companies": IngestionRoute("company", False),
+    "/v1/companies/batch": IngestionRoute("company", True),
+    "/v1/subscriptions": IngestionRoute("subscription", False),
+    "/v1/subscriptions/batch": IngestionRoute("subscription", True),
+}
+
+METHODS_BY_PATH: dict[str, frozenset[str]] = {
+    **{path: frozenset({"POST"}) for path in INGESTION_ROUTES},
+    "/v1/config": frozenset({"GET"}),
+    "/v1/rules": frozenset({"GET"}),
+    "/health/probe": frozenset({"GET"}),
+    "/_collector/faults": frozenset({"POST"}),
+    "/_collector/config": frozenset({"PUT"}),
+    "/_collector/rules": frozenset({"PUT"}),
+    "/_collector/stats": frozenset({"GET"}),
+    "/_collector/events": frozenset({"GET"}),
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL,
+    path TEXT NOT NULL,
+    event_count INTEGER NOT NULL,
+    raw_bytes INTEGER NOT NULL,
+    gzip INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL REFERENCES batches (id),
+    received_at REAL NOT NULL,
+    direction TEXT,
+    transaction_id TEXT,
+    request_header_txn_id TEXT,
+    uri TEXT NOT NULL,
+    verb TEXT NOT NULL,
+    status INTEGER,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entities (
+    id INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL REFERENCES batches (id),
+    kind TEXT NOT NULL CHECK (kind IN ('user', 'company', 'subscription')),
+    body TEXT NOT NULL
+);
+"""
+
+DISCARD_CHUNK_BYTES = 64 * 1024
+SHUTDOWN_POLL_S = 0.05
+"""How often the serving loop checks for stop(); stop() waits up to this long for it."""
+JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+ASCII_DIGITS = re.compile(r"[0-9]+")
+
+
+class Rejection(Exception):
+    """A request answered with an error status and `{"error": message}`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadShape(Exception):
+    """A JSON value that is not what the endpoint takes; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_reply(status: int, value: Any, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, json.dumps(value).encode(), headers or {})
+
+
+# --- request bodies ------------------------------------------------------------------------------
+
+
+def gunzip_capped(data: bytes, limit: int = MAX_BODY_BYTES) -> bytes:
+    """Inflate every gzip member of `data`; 400 if it is not gzip, 413 past `limit` bytes."""
+    inflated = bytearray()
+    try:
+        while data:
+            member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            inflated += member.decompress(data, limit + 1 - len(inflated))
+            if len(inflated) > limit:
+                raise Rejection(413, f"body inflates past {limit} bytes")
+            if not member.eof:
+                raise Rejection(400, "bad gzip body: truncated")
+            data = member.unused_data
+    except zlib.error as error:
+        raise Rejection(400, f"bad gzip body: {error}") from None
+    return bytes(inflated)
+
+
+def decode_body(body: bytes, encoding: str) -> str:
+    """The body as text; `encoding` is the request's Content-Encoding, lowercase."""
+    if encoding == "gzip":
+        body = gunzip_capped(body)
+    elif encoding != "identity":
+        raise Rejection(415, f"unsupported Content-Encoding: {encoding}")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejection(400, "body is not UTF-8") from None
+
+
+def split_json_array(text: str) -> list[tuple[str, Any]]:
+    """Each element of the JSON array `text` as (its exact source text, its parsed value)."""
+    decoder = json.JSONDecoder()
+    position = JSON_WHITESPACE.match(text).end()
+    if not text.startswith("[", position):
+        raise BadShape("a batch body must be a JSON array")
+    position = JSON_WHITESPACE.match(text, position + 1).end()
+    elements: list[tuple[str, Any]] = []
+    if text.startswith("]", position):
+        end = position + 1
+    else:
+        while True:
+            value, end = decoder.raw_decode(text, position)
+            elements.append((text[position:end], value))
+            position = JSON_WHITESPACE.match(text, end).end()
+            if text.startswith("]", position):
+                end = position + 1
+                break
+            if not text.startswith(",", position):
+                raise BadShape(f"expected ',' or ']' at char {position}")
+            position = JSON_WHITESPACE.match(text, position + 1).end()
+    if JSON_WHITESPACE.match(text, end).end() != len(text):
+        raise BadShape(f"extra data after the array at char {end}")
+    return elements
+
+
+def parse_items(text: str, is_batch: bool) -> list[tuple[str, Any]]:
+    """The items of an ingestion body as (exact source text, parsed value)."""
+    try:
+        return split_json_array(text) if is_batch else [(text.strip(), json.loads(text))]
+    except (ValueError, RecursionError) as error:
+        raise Rejection(400, f"bad JSON: {error}") from None
+    except BadShape as error:
+        raise Rejection(400, str(error)) from None
+
+
+def check_each(
+    items: list[tuple[str, Any]], check: Callable[[Any], Checked]
+) -> list[tuple[str, Checked]]:
+    """(source text, check(value)) for each item; a BadShape is a 400 that names the item."""
+    checked = []
+    for index, (source, value) in enumerate(items):
+        try:
+            checked.append((source, check(value)))
+        except BadShape as error:
+            raise Rejection(400, f"item {index}: {error}") from None
+    return checked
+
+
+def parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise Rejection(400, f"bad JSON: {error}") from None
+
+
+# --- shapes --------------------------------------------------------------------------------------
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def string_map(value: object, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(item, str) for item in value.values()):
+        raise BadShape(f"{where} must be an object of strings")
+    return value
+
+
+def optional_string(event: dict[str, Any], key: str) -> str | None:
+    value = event.get(key)
+    if value is not None and not isinstance(value, str):
+        raise BadShape(f"{key} must be a string or null")
+    return value
+
+
+EventColumns = tuple[str | None, str | None, str | None, str, str, int | None]
+"""direction, transaction_id, request_header_txn_id, uri, verb, status."""
+
+
+def event_columns(event: object) -> EventColumns:
+    """The indexed columns of one event, after checking it has the Moesif event shape."""
+    if not isinstance(event, dict):
+        raise BadShape("an event must be a JSON object")
+    request = event.get("request")
+    if not isinstance(request, dict):
+        raise BadShape("request must be an object")
+    for key in ("time", "uri", "verb"):
+        if not isinstance(request.get(key), str):
+            raise BadShape(f"request.{key} must be a string")
+    request_headers = string_map(request.get("headers"), "request.headers")
+    response = event.get("response")
+    status = None
+    if response is not None:
+        if not isinstance(response, dict):
+            raise BadShape("response must be an object or null")
+        if not isinstance(response.get("time"), str):
+            raise BadShape("response.time must be a string")
+        status = response.get("status")
+        if not is_int(status):
+            raise BadShape("response.status must be an integer")
+        string_map(response.get("headers"), "response.headers")
+    header_transaction_id = next(
+        (value for name, value in request_headers.items() if name.lower() == TRANSACTION_ID_HEADER),
+        None,
+    )
+    return (
+        optional_string(event, "direction"),
+        optional_string(event, "transaction_id"),
+        header_transaction_id,
+        request["uri"],
+        request["verb"],
+        status,
+    )
+
+
+def check_entity(kind: str, entity: object) -> None:
+    if not isinstance(entity, dict):
+        raise BadShape(f"a {kind} must be a JSON object")
+    for key in ENTITY_ID_KEYS[kind]:
+        if entity.get(key) is None:
+            raise BadShape(f"a {kind} needs {key}")
+
+
+# --- faults, config and rules --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Faults:
+    status: int | None = None
+    every: int = 1
+    retry_after: int | None = None
+    delay_s: float = 0.0
+
+
+def parse_faults(spec: object) -> Faults:
+    if not isinstance(spec, dict):
+        raise BadShape("faults must be a JSON object")
+    unknown = spec.keys() - {"status", "every", "retry_after", "delay_s"}
+    if unknown:
+        raise BadShape(f"unknown fault keys: {sorted(unknown)}")
+    status = spec.get("status")
+    if status is not None and not (is_int(status) and 400 <= status <= 599):
+        raise BadShape("status must be an integer from 400 to 599")
+    if status is None and ("every" in spec or "retry_after" in spec):
+        raise BadShape("every and retry_after need a status")
+    every = spec.get("every", 1)
+    if not (is_int(every) and every >= 1):
+        raise BadShape("every must be a positive integer")
+    retry_after = spec.get("retry_after")
+    if retry_after is not None and not (is_int(retry_after) and retry_after >= 0):
+        raise BadShape("retry_after must be a non-negative integer (seconds)")
+    delay_s = spec.get("delay_s", 0.0)
+    if not (isinstance(delay_s, (int, float)) and not isinstance(delay_s, bool)):
+        raise BadShape("delay_s must be a number")
+    if not (math.isfinite(delay_s) and delay_s >= 0):
+        raise BadShape("delay_s must be a finite number >= 0")
+    return Faults(status, every, retry_after, float(delay_s))
+
+
+def new_tag() -> str:
+    return uuid.uuid4().hex
+
+
+class Controls:
+    """What the control API changes while serving: config and rules with their tags, faults."""
+
+    def __init__(self, config: dict[str, Any], rules: list[Any]) -> None:
+        self._lock = threading.Lock()
+        self._config = config
+        self._config_etag = new_tag()
+        self._rules = rules
+        self._rules_tag = new_tag()
+        self._faults = Faults()
+        self._ingestion_requests = 0
+
+    def config(self) -> tuple[dict[str, Any], str]:
+        with self._lock:
+            return self._config, self._config_etag
+
+    def rules(self) -> tuple[list[Any], str]:
+        with self._lock:
+            return self._rules, self._rules_tag
+
+    def tags(self) -> dict[str, str]:
+        with self._lock:
+            return {CONFIG_ETAG_HEADER: self._config_etag, RULES_TAG_HEADER: self._rules_tag}
+
+    def set_config(self, config: dict[str, Any]) -> None:
+        with self._lock:
+            self._config = config
+            self._config_etag = new_tag()
+
+    def set_rules(self, rules: list[Any]) -> None:
+        with self._lock:
+            self._rules = rules
+            self._rules_tag = new_tag()
+
+    def set_faults(self, faults: Faults) -> None:
+        with self._lock:
+            self._faults = faults
+            self._ingestion_requests = 0
+
+    def next_ingestion(self) -> tuple[Faults, bool]:
+        """Count one ingestion request: the faults in force, and whether this one gets `status`."""
+        with self._lock:
+            self._ingestion_requests += 1
+            faults = self._faults
+            injected = faults.status is not None and self._ingestion_requests % faults.every == 0
+            return faults, injected
+
+
+# --- storage -------------------------------------------------------------------------------------
+
+
+class CollectorStore:
+    """The collector's writes to its SQLite file, from any handler thread."""
+
+    def __init__(self, db_path: Path) -> None:
+        self._lock = threading.Lock()
+        self._connection = sqlite3.connect(db_path, check_same_thread=False)
+        self._connection.execute("PRAGMA journal_mode = WAL")
+        self._connection.execute("PRAGMA synchronous = NORMAL")
+        self._connection.executescript(SCHEMA)
+
+    def record_request(self, method: str, path: str, status: int) -> None:
+        with self._lock, self._connection:
+            self._connection.execute(
+                "INSERT INTO requests (received_at, method, path, status) VALUES (?, ?, ?, ?)",
+                (time.time(), method, path, status),
+            )
+
+    def store_events(
+        self, path: str, events: list[tuple[str, EventColumns]], raw_bytes: int, gzip: bool
+    ) -> None:
+        received_at = time.time()
+        with self._lock, self._connection:
+            batch_id = self._insert_batch(received_at, path, len(events), raw_bytes, gzip)
+            self._connection.executemany(
+                "INSERT INTO events (batch_id, received_at, direction, transaction_id,"
+                " request_header_txn_id, uri, verb, status, body)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(batch_id, received_at, *columns, body) for body, columns in events],
+            )
+
+    def store_entities(
+        self, path: str, kind: str, bodies: list[str], raw_bytes: int, gzip: bool
+    ) -> None:
+        with self._lock, self._connection:
+            batch_id = self._insert_batch(time.time(), path, len(bodies), raw_bytes, gzip)
+            self._connection.executemany(
+                "INSERT INTO entities (batch_id, kind, body) VALUES (?, ?, ?)",
+                [(batch_id, kind, body) for body in bodies],
+            )
+
+    def _insert_batch(
+        self, received_at: float, path: str, count: int, raw_bytes: int, gzip: bool
+    ) -> int:
+        cursor = self._connection.execute(
+            "INSERT INTO batches (received_at, path, event_count, raw_bytes, gzip)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (received_at, path, count, raw_bytes, int(gzip)),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+
+def connect_for_reading(db_path: str | os.PathLike[str]) -> sqlite3.Connection:
+    if not Path(db_path).is_file():
+        raise FileNotFoundError(f"no collector database at {db_path}")
+    connection = sqlite3.connect(db_path, timeout=10)
+    connection.execute("PRAGMA query_only = ON")
+    return connection
+
+
+def read_event_bodies(db_path: str | os.PathLike[str], since_id: int = 0) -> list[str]:
+    """The JSON text of each stored event with id > since_id, in arrival order."""
+    with contextlib.closing(connect_for_reading(db_path)) as connection:
+        rows = connection.execute("SELECT body FROM events WHERE id > ? ORDER BY id", (since_id,))
+        return [body for (body,) in rows]
+
+
+def read_events(db_path: str | os.PathLike[str], since_id: int = 0) -> list[dict[str, Any]]:
+    """The stored events with id > since_id, parsed, in arrival order."""
+    return [json.loads(body) for body in read_event_bodies(db_path, since_id)]
+
+
+def read_entities(db_path: str | os.PathLike[str], kind: str) -> list[dict[str, Any]]:
+    """The stored users, companies or subscriptions (`kind` 'user', 'company', 'subscription')."""
+    if kind not in ENTITY_ID_KEYS:
+        raise ValueError(f"kind must be one of {sorted(ENTITY_ID_KEYS)}, not {kind!r}")
+    with contextlib.closing(connect_for_reading(db_path)) as connection:
+        rows = connection.execute("SELECT body FROM entities WHERE kind = ? ORDER BY id", (kind,))
+        return [json.loads(body) for (body,) in rows]
+
+
+def read_batches(db_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """One dict per stored ingestion request (the `batches` table), in arrival order."""
+    with contextlib.closing(connect_for_reading(db_path)) as connection:
+        rows = connection.execute(
+            "SELECT id, received_at, path, event_count, raw_bytes, gzip FROM batches ORDER BY id"
+        )
+        return [
+            {
+                "id": batch_id,
+                "received_at": received_at,
+                "path": path,
+                "event_count": event_count,
+                "raw_bytes": raw_bytes,
+                "gzip": bool(gzip),
+            }
+            for batch_id, received_at, path, event_count, raw_bytes, gzip in rows
+        ]
+
+
+def read_stats(db_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Counts: requests (outside the control API), batches, events, entities, and
+    `rejected` = {status as a string: count} for every answer of 400 or more."""
+    with contextlib.closing(connect_for_reading(db_path)) as connection:
+
+        def count(table: str) -> int:
+            return connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+        rejected = connection.execute(
+            "SELECT status, count(*) FROM requests WHERE status >= 400 GROUP BY status"
+        )
+        return {
+            "requests": count("requests"),
+            "batches": count("batches"),
+            "events": count("events"),
+            "entities": count("entities"),
+            "rejected": {str(status): number for status, number in rejected},
+        }
+
+
+# --- HTTP ----------------------------------------------------------------------------------------
+
+
+class CollectorServer(ThreadingHTTPServer):
+    """The HTTP server and what its handler threads share."""
+
+    daemon_threads = False  # server_close() waits for requests in flight
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        store: CollectorStore,
+        controls: Controls,
+        application_id: str | None,
+        db_path: Path,
+    ) -> None:
+        super().__init__(address, CollectorRequestHandler)
+        self.store = store
+        self.controls = controls
+        self.application_id = application_id
+        self.db_path = db_path
+        self._open_connections: set[socket.socket] = set()
+        self._open_connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_connections_lock:
+            self._open_connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_connections_lock:
+            self._open_connections.discard(request)
+        super().shutdown_request(request)
+
+    def stop_reading_connections(self) -> None:
+        """End idle keep-alive connections; a request in flight still gets its answer."""
+        with self._open_connections_lock:
+            connections = list(self._open_connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):  # already closed by the client
+                connection.shutdown(socket.SHUT_RD)
+
+
+class CollectorRequestHandler(BaseHTTPRequestHandler):
+    server: CollectorServer
+    protocol_version = "HTTP/1.1"
+    server_version = "moesif_fast-collector"
+
+    def handle_any_method(self) -> None:
+        path, _, query = self.path.partition("?")
+        try:
+            reply = self.route(path, query, self.read_body())
+        except Rejection as rejection:
+            reply = json_reply(rejection.status, {"error": rejection.message}, rejection.headers)
+        if not path.startswith(CONTROL_PREFIX):
+            self.server.store.record_request(self.command, path, reply.status)
+        self.send_reply(reply)
+
+    do_GET = do_POST = do_PUT = handle_any_method
+
+    def read_body(self) -> bytes:
+        """The request body, read whole; a body that cannot or must not be read is a Rejection."""
+        if "Transfer-Encoding" in self.headers:
+            self.close_connection = True
+            raise Rejection(411, "send a Content-Length; chunked bodies are not accepted")
+        declared = self.headers.get("Content-Length", "0").strip()
+        if not ASCII_DIGITS.fullmatch(declared):
+            self.close_connection = True
+            raise Rejection(400, "bad Content-Length")
+        length = int(declared)
+        if length > MAX_BODY_BYTES:
+            self.discard_body(length)
+            raise Rejection(413, f"body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            raise Rejection(400, "body shorter than its Content-Length")
+        return body
+
+    def content_encoding(self) -> str:
+        return self.headers.get("Content-Encoding", "identity").strip().lower()
+
+    def discard_body(self, length: int) -> None:
+        while length > 0:
+            chunk = self.rfile.read(min(length, DISCARD_CHUNK_BYTES))
+            if not chunk:
+                self.close_connection = True
+                return
+            length -= len(chunk)
+
+    def route(self, path: str, query: str, body: bytes) -> Reply:
+        allowed = METHODS_BY_PATH.get(path)
+        if allowed is None:
+            raise Rejection(404, f"no endpoint {path}")
+        if self.command not in allowed:
+            raise Rejection(405, f"{path} takes {', '.join(sorted(allowed))}",
+                            {"Allow": ", ".join(sorted(allowed))})
+        if path.startswith(CONTROL_PREFIX):
+            return self.control(path, query, body)
+        sent_id = self.headers.get(APPLICATION_ID_HEADER)
+        expected_id = self.server.application_id
+        if not sent_id or (expected_id is not None and sent_id != expected_id):
+            raise Rejection(401, f"missing or wrong {APPLICATION_ID_HEADER}")
+        if path in INGESTION_ROUTES:
+            return self.ingest(path, INGESTION_ROUTES[path], body)
+        if path == "/v1/config":
+            config, etag = self.server.controls.config()
+            return json_reply(200, config, {CONFIG_ETAG_HEADER: etag})
+        if path == "/v1/rules":
+            rules, tag = self.server.controls.rules()
+            return json_reply(200, rules, {RULES_TAG_HEADER: tag})
+        return json_reply(200, {"status": True})  # /health/probe
+
+    def ingest(self, path: str, route: IngestionRoute, body: bytes) -> Reply:
+        faults, injected = self.server.controls.next_ingestion()
+        if faults.delay_s:
+            time.sleep(faults.delay_s)
+        if injected:
+            assert faults.status is not None
+            headers = {} if faults.retry_after is None else {"Retry-After": str(faults.retry_after)}
+            raise Rejection(faults.status, "injected fault", headers)
+        encoding = self.content_encoding()
+        items = parse_items(decode_body(body, encoding), route.is_batch)
+        store, is_gzip = self.server.store, encoding == "gzip"
+        if route.kind == "event":
+            store.store_events(path, check_each(items, event_columns), len(body), is_gzip)
+        else:
+            entities = check_each(items, functools.partial(check_entity, route.kind))
+            bodies = [source for source, _ in entities]
+            store.store_entities(path, route.kind, bodies, len(body), is_gzip)
+        return Reply(201, b"", self.server.controls.tags() if path == EVENTS_BATCH_PATH else {})
+
+    def control(self, path: str, query: str, body: bytes) -> Reply:
+        controls = self.server.controls
+        if path == "/_collector/stats":
+            return json_reply(200, read_stats(self.server.db_path))
+        if path == "/_collector/events":
+            since_id = parse_qs(query).get("since_id", ["0"])[-1]
+            if not ASCII_DIGITS.fullmatch(since_id):
+                raise Rejection(400, "since_id must be a non-negative integer")
+            bodies = read_event_bodies(self.server.db_path, int(since_id))
+            return Reply(200, ("[" + ",".join(bodies) + "]").encode())
+        value = parse_json(decode_body(body, self.content_encoding()))
+        if path == "/_collector/faults":
+            try:
+                controls.set_faults(parse_faults(value))
+            except BadShape as error:
+                raise Rejection(400, str(error)) from None
+        elif path == "/_collector/config":
+            if not isinstance(value, dict):
+                raise Rejection(400, "config must be a JSON object")
+            controls.set_config(value)
+        else:  # /_collector/rules
+            if not isinstance(value, list):
+                raise Rejection(400, "rules must be a JSON array")
+            controls.set_rules(value)
+        return Reply(204)
+
+    def send_reply(self, reply: Reply) -> None:
+        try:
+            self.send_response(reply.status)
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            if reply.body:
+                self.send_header("Content-Type", "application/json")
+            if reply.status != HTTPStatus.NO_CONTENT:
+                self.send_header("Content-Length", str(len(reply.body)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(reply.body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client hung up; nothing to answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.info("%s %s", self.address_string(), format % args)
+
+
+# --- public API ----------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback address."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+class LocalCollector:
+    """A collector serving from a background thread of this process.
+
+        with LocalCollector(tmp_path / "collector.sqlite3") as collector:
+            requests.post(collector.url + "/v1/events/batch", ...)
+            assert collector.events() == [...]
+    """
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str],
+        application_id: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        config: dict[str, Any] | None = None,
+        rules: list[Any] | None = None,
+        allow_remote: bool = False,
+    ) -> None:
+        """`application_id` None accepts any non-empty id; `port` 0 picks a free port;
+        `config` and `rules` are what GET /v1/config and /v1/rules serve at first."""
+        if application_id == "":
+            raise ValueError("application_id must be non-empty, or None to accept any id")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be from 0 to 65535, not {port}")
+        if not allow_remote and not is_loopback(host):
+            raise ValueError(
+                f"refusing to listen on {host!r}, which is not loopback: the collector stores "
+                "API traffic (allow it explicitly with --allow-remote / allow_remote=True)"
+            )
+        self.db_path = Path(db_path)
+        self.application_id = application_id
+        self.host = host
+        self.port = port
+        self._initial_config = DEFAULT_CONFIG if config is None else config
+        self._initial_rules = [] if rules is None else rules
+        self._server: CollectorServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the collector is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> None:
+        """Open the database, bind, and serve from a background thread."""
+        if self._server is not None:
+            raise RuntimeError("the collector is already started")
+        store = CollectorStore(self.db_path)
+        try:
+            controls = Controls(self._initial_config, self._initial_rules)
+            server = CollectorServer(
+                (self.host, self.port), store, controls, self.application_id, self.db_path
+            )
+        except BaseException:
+            store.close()
+            raise
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            args=(SHUTDOWN_POLL_S,),
+            name="moesif_fast-collector",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting, answer requests in flight, close connections and the database."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        server.shutdown()
+        server.stop_reading_connections()
+        server.server_close()
+        thread.join()
+        server.store.close()
+        self._server = self._thread = None
+
+    def __enter__(self) -> LocalCollector:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def events(self, since_id: int = 0) -> list[dict[str, Any]]:
+        return read_events(self.db_path, since_id)
+
+    def entities(self, kind: str) -> list[dict[str, Any]]:
+        return read_entities(self.db_path, kind)
+
+    def batches(self) -> list[dict[str, Any]]:
+        return read_batches(self.db_path)
+
+    def stats(self) -> dict[str, Any]:
+        return read_stats(self.db_path)
+
+
+# --- command line --------------------------------------------------------------------------------
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m moesif_fast collector",
+        description="Run a local Moesif-compatible collector that stores what it receives "
+        "in SQLite, to see what would be sent to Moesif.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
+    parser.add_argument("--port", type=int, default=8085, help="port; 0 picks a free one")
+    parser.add_argument("--db", type=Path, default=DEFAULT_DB_PATH, help="SQLite file to store in")
+    parser.add_argument(
+        "--application-id", help="accept only this X-Moesif-Application-Id (default: any)"
+    )
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host that is not loopback (the collector stores API traffic)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no log line per request")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGINT or SIGTERM, then stop cleanly and return 0."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        collector = LocalCollector(
+            args.db, args.application_id, args.host, args.port, allow_remote=args.allow_remote
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+    )
+    # Block the stop signals in every thread (threads inherit the mask) and wait for them here.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        try:
+            collector.start()
+        except (OSError, sqlite3.Error) as error:
+            print(f"moesif_fast collector: cannot start: {error}", file=sys.stderr)
+            return 1
+        print(
+            f"moesif_fast collector listening on {collector.url} (db: {args.db.resolve()})",
+            flush=True,
+        )
+        received = signal.sigwait(STOP_SIGNALS)
+        logger.info("stopping on %s", signal.Signals(received).name)
+        collector.stop()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+    return 0
+
