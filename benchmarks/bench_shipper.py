@@ -1,0 +1,74 @@
+"""Delivered events per second from one shipper.
+
+A ring is filled with 20,000 captured calls (1 KB JSON request and response bodies, ten
+headers), then one Shipper drains it to the local collector (a separate process): decode, build
+the Moesif events, serialize, gzip, POST, commit. Measured for the reference's BATCH_SIZE (25)
+and for larger batches.
+
+    python -m pytest benchmarks/bench_shipper.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from moesif_fast.demo.run import APPLICATION_ID, start_collector, stop
+from moesif_fast.record import encode_call
+from moesif_fast.ringbuffer import Geometry, Producer, RingFile
+from moesif_fast.settings import MoesifOptions
+from moesif_fast.shipper.loop import Shipper
+from moesif_fast.shipper.transport import CollectorTransport
+
+EVENTS = 20_000
+HEADERS = tuple((f"HTTP_X_HEADER_{number}", f"value {number}") for number in range(8)) + (
+    ("HTTP_HOST", "api.example.com"), ("CONTENT_TYPE", "application/json"))
+BODY = json.dumps({"user": "ada", "note": "x" * 960}).encode()
+
+
+def captured_call(number: int) -> bytes:
+    now = time.time_ns()
+    return encode_call((
+        "Incoming", now, now + 1_000_000, "POST", f"http://api.example.com/api/echo?n={number}",
+        HEADERS, "203.0.113.9", BODY, 201,
+        (("Content-Type", "application/json"), ("x-moesif-transaction-id", f"t-{number}")),
+        BODY, f"t-{number}", None, None, None, None, 1))
+
+
+@pytest.fixture(scope="module")
+def collector_url() -> Iterator[str]:
+    with tempfile.TemporaryDirectory() as directory:
+        process, url = start_collector(directory)
+        yield url
+        stop(process)
+
+
+@pytest.mark.parametrize("batch_size", [25, 100, 500])
+def test_shipper_delivery(benchmark, collector_url: str, batch_size: int) -> None:
+    options = MoesifOptions(APPLICATION_ID=APPLICATION_ID, BASE_URI=collector_url,
+                            BATCH_SIZE=batch_size)
+    records = [captured_call(number) for number in range(EVENTS)]
+
+    def fill() -> tuple[tuple[Shipper], dict[str, object]]:
+        directory = tempfile.mkdtemp()
+        ring = RingFile.create(os.path.join(directory, "bench.ring"),
+                               Geometry.for_size(256 << 20, 1, 2 * EVENTS))
+        producer = Producer(ring)
+        assert all(producer.append(record) for record in records)
+        producer.close()
+        transport = CollectorTransport(collector_url, APPLICATION_ID, user_agent="bench")
+        return (Shipper(ring, options, transport),), {}
+
+    def drain(shipper: Shipper) -> None:
+        assert shipper.run(lambda: True, finish_deadline=120)
+        assert shipper.counters.delivered == EVENTS
+        shipper.reader.close()
+        shipper.ring.unlink()
+
+    benchmark.pedantic(drain, setup=fill, rounds=3, iterations=1)
+    benchmark.extra_info["events_per_second"] = round(EVENTS / benchmark.stats.stats.median)
