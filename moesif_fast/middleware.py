@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings as django_settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
@@ -48,7 +49,7 @@ class MoesifMiddleware:
     """Captures every request/response pair as a Moesif event (see the module docstring)."""
 
     sync_capable = True
-    async_capable = False
+    async_capable = True
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
         self.get_response = get_response
@@ -66,8 +67,13 @@ class MoesifMiddleware:
         self._forwarded_host = bool(django_settings.USE_X_FORWARDED_HOST)
         self.capture_errors = 0
         self._next_error_log = 0.0
+        self._is_async = iscoroutinefunction(get_response)
+        if self._is_async:
+            markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        if self._is_async:
+            return self._acall(request)
         if self._sink is None:
             return self.get_response(request)
         request_time = _time_ns()
@@ -75,6 +81,20 @@ class MoesifMiddleware:
         response = self.get_response(request)
         try:
             self._capture(request, response, request_time, request_body)
+        except Exception:
+            self._capture_failed()
+        return response
+
+    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
+        """The same as __call__ under ASGI: no thread hop. Capture itself never awaits."""
+        if self._sink is None:
+            return await self.get_response(request)
+        request_time = _time_ns()
+        request_body = self._request_body(request) if self.options.LOG_BODY else None
+        response = await self.get_response(request)
+        try:
+            user = await request.auser() if hasattr(request, "auser") else None
+            self._capture(request, response, request_time, request_body, user)
         except Exception:
             self._capture_failed()
         return response
@@ -96,7 +116,8 @@ class MoesifMiddleware:
             return None
 
     def _capture(self, request: HttpRequest, response: HttpResponseBase, request_time: int,
-                 request_body: bytes | int | None) -> None:
+                 request_body: bytes | int | None, user: Any = None) -> None:
+        """Record the call. `user`: the resolved request.user under ASGI (see _acall)."""
         response_time = _time_ns()
         options = self.options
         if options.SKIP and self._callback(options.SKIP, request, response):
@@ -125,7 +146,7 @@ class MoesifMiddleware:
             "Incoming", request_time, response_time, request.method or "", self._uri(request),
             tuple(request_headers), meta.get("REMOTE_ADDR"), request_body,
             response.status_code, _response_headers(response), response_body, transaction_id,
-            self._user_id(request, response),
+            self._user_id(request, response, user),
             options.IDENTIFY_COMPANY and self._callback(options.IDENTIFY_COMPANY, request,
                                                          response),
             self._session_token(request, response),
@@ -163,13 +184,15 @@ class MoesifMiddleware:
                                getattr(callback, "__qualname__", callback), exc_info=True)
             return None
 
-    def _user_id(self, request: HttpRequest, response: HttpResponseBase) -> Any:
+    def _user_id(self, request: HttpRequest, response: HttpResponseBase, user: Any) -> Any:
         if self.options.IDENTIFY_USER is not None:
             user_id = self._callback(self.options.IDENTIFY_USER, request, response)
             if user_id:
                 return user_id
         try:
-            user = getattr(request, "user", None)  # absent without AuthenticationMiddleware
+            # request.user is absent without AuthenticationMiddleware. Under ASGI it arrives
+            # resolved by auser(): evaluating the lazy object would query synchronously.
+            user = user or getattr(request, "user", None)
             if user is not None and user.is_authenticated:
                 return user.get_username() or None
         except Exception:

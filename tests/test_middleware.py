@@ -1,0 +1,201 @@
+"""The middleware in process: real Django clients (sync and async) → a real ring, read back.
+
+Each test points the middleware at a fresh ring (as the gunicorn hooks do, through
+MOESIF_FAST_RING), sends requests with Django's test clients, reads the records back with the
+ring's reader and checks the captured call and the Moesif event built from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import decimal
+import json
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "moesif_fast.demo.settings")
+
+import django  # noqa: E402
+
+django.setup()
+
+from django.http import (  # noqa: E402
+    HttpRequest,
+    HttpResponse,
+    JsonResponse,
+    StreamingHttpResponse,
+)
+from django.test import AsyncClient, Client, override_settings  # noqa: E402
+from django.urls import path  # noqa: E402
+from django.views.decorators.csrf import csrf_exempt  # noqa: E402
+
+from moesif_fast import ringfile  # noqa: E402
+from moesif_fast.event import EventBuilder  # noqa: E402
+from moesif_fast.record import CapturedCall, decode  # noqa: E402
+from moesif_fast.ringbuffer import Geometry, Reader, RingFile  # noqa: E402
+from moesif_fast.settings import MoesifOptions  # noqa: E402
+
+BASE_OPTIONS = {"APPLICATION_ID": "app-id", "BASE_URI": "http://127.0.0.1:9"}
+
+
+@csrf_exempt
+def echo(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"got": json.loads(request.body or b"null")}, status=201)
+
+
+@csrf_exempt
+def upload_size(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(str(len(request.read())), content_type="text/plain")
+
+
+def stream(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(iter([b"one ", b"two"]), content_type="text/plain")
+
+
+async def async_echo(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"async": True, "path": request.path})
+
+
+urlpatterns = [path("echo", echo), path("upload", upload_size), path("stream", stream),
+               path("async", async_echo)]
+
+
+@pytest.fixture
+def ring(tmp_path, monkeypatch) -> Iterator[Reader]:
+    """A fresh ring the middleware appends to, and its reader."""
+    ring_file = RingFile.create(str(tmp_path / "test.ring"), Geometry.for_size(4 << 20, 2, 1000))
+    monkeypatch.setenv(ringfile.RING_ENV, ring_file.path)
+    reader = Reader(ring_file)
+    yield reader
+    reader.close()
+
+
+def captured(reader: Reader) -> list[CapturedCall]:
+    batch = reader.read(1000, 1 << 30)
+    reader.commit(batch)
+    calls = [decode(record) for record in batch.records]
+    assert None not in calls
+    return calls
+
+
+def send(method: str, url: str, options: dict[str, object] | None = None,
+         **request: object) -> HttpResponse:
+    """One request through a new test client (so a new middleware) with these options."""
+    with override_settings(MOESIF_MIDDLEWARE={**BASE_OPTIONS, **(options or {})},
+                           ROOT_URLCONF=__name__):
+        return getattr(Client(), method)(url, **request)
+
+
+def test_json_call_is_captured_field_by_field(ring: Reader) -> None:
+    response = send("post", "/echo?x=1", data={"a": 1}, content_type="application/json",
+                    headers={"X-Api-Key": "k1"})
+    assert response.status_code == 201
+    transaction_id = response["x-moesif-transaction-id"]
+    assert uuid.UUID(transaction_id).version == 4
+    [call] = captured(ring)
+    assert (call.verb, call.uri, call.status) == ("POST", "http://testserver/echo?x=1", 201)
+    assert ("HTTP_X_API_KEY", "k1") in call.request_headers
+    assert call.request_body == b'{"a": 1}'
+    assert call.response_body == b'{"got": {"a": 1}}'
+    assert ("x-moesif-transaction-id", transaction_id) in call.response_headers
+    assert call.transaction_id == transaction_id
+    assert call.request_time_ns <= call.response_time_ns
+
+    event = EventBuilder(MoesifOptions(**BASE_OPTIONS)).build(call)
+    assert event["request"]["headers"]["X-API-KEY"] == "k1"
+    assert event["request"]["headers"]["X-MOESIF-TRANSACTION-ID"] == transaction_id
+    assert event["request"]["body"] == {"a": 1}
+    assert event["response"]["body"] == {"got": {"a": 1}}
+    assert event["response"]["headers"]["x-moesif-transaction-id"] == transaction_id
+    assert event["transaction_id"] == transaction_id
+
+
+def test_client_transaction_id_is_kept_and_disable_adds_none(ring: Reader) -> None:
+    kept = send("get", "/echo", headers={"X-Moesif-Transaction-Id": "client-id-1"})
+    disabled = send("get", "/echo", {"DISABLE_TRANSACTION_ID": True})
+    assert kept["x-moesif-transaction-id"] == "client-id-1"
+    assert "x-moesif-transaction-id" not in disabled
+    first, second = captured(ring)
+    assert first.transaction_id == "client-id-1"
+    assert second.transaction_id is None
+
+
+def test_skip_leaves_response_untouched_and_captures_nothing(ring: Reader) -> None:
+    response = send("get", "/echo", {"SKIP": lambda request, response: True})
+    assert response.status_code == 201 and "x-moesif-transaction-id" not in response
+    assert captured(ring) == []
+
+
+def test_broken_callbacks_never_reach_the_application(ring: Reader) -> None:
+    def broken(request: HttpRequest, response: HttpResponse) -> object:
+        raise RuntimeError("callback bug")
+
+    response = send("post", "/echo", {"IDENTIFY_USER": broken, "IDENTIFY_COMPANY": broken,
+                                      "GET_METADATA": broken, "SKIP": broken},
+                    data={"b": 2}, content_type="application/json")
+    assert response.status_code == 201 and response.json() == {"got": {"b": 2}}
+    [call] = captured(ring)
+    assert (call.user_id, call.company_id, call.metadata) == (None, None, None)
+
+
+def test_callback_values_marshal_cannot_carry_are_made_plain(ring: Reader) -> None:
+    moment = datetime.datetime(2026, 11, 24, 9, 0, tzinfo=datetime.timezone.utc)
+
+    def metadata(request: HttpRequest, response: HttpResponse) -> object:
+        return {"when": moment, "price": decimal.Decimal("1.50"), "tags": ["a"]}
+
+    send("get", "/echo", {"GET_METADATA": metadata, "IDENTIFY_USER": lambda q, s: 42})
+    [call] = captured(ring)
+    assert call.metadata == {"when": str(moment), "price": "1.50", "tags": ["a"]}
+    assert call.user_id == 42
+
+
+def test_streaming_response_is_not_consumed(ring: Reader) -> None:
+    response = send("get", "/stream")
+    assert b"".join(response.streaming_content) == b"one two"
+    [call] = captured(ring)
+    assert call.response_body is None and call.status == 200
+
+
+def test_body_over_the_limit_is_left_to_the_view(ring: Reader) -> None:
+    body = b"z" * 5000
+    response = send("post", "/upload", {"MAX_BODY_SIZE": 1000}, data=body,
+                    content_type="application/octet-stream")
+    assert response.content == b"5000"  # the view read the whole body itself
+    [call] = captured(ring)
+    assert call.request_body == 5000  # its size, recorded instead of the bytes
+
+
+def test_invalid_settings_pass_requests_through(ring: Reader) -> None:
+    with override_settings(MOESIF_MIDDLEWARE={"BATCH_SIZE": "ten"}, ROOT_URLCONF=__name__):
+        response = Client().post("/echo", {"c": 3}, content_type="application/json")
+    assert response.status_code == 201 and "x-moesif-transaction-id" not in response
+    assert captured(ring) == []
+
+
+def test_full_ring_drops_and_counts_without_touching_responses(tmp_path, monkeypatch) -> None:
+    ring_file = RingFile.create(str(tmp_path / "small.ring"), Geometry.for_size(1, 1, 2))
+    monkeypatch.setenv(ringfile.RING_ENV, ring_file.path)
+    with override_settings(MOESIF_MIDDLEWARE=BASE_OPTIONS, ROOT_URLCONF=__name__):
+        http = Client()
+        statuses = [http.get("/echo").status_code for _ in range(5)]
+    assert statuses == [201] * 5
+    stats = ring_file.stats()
+    assert stats.appended == 1 and stats.dropped == 4  # max_records: 1 per lane
+
+
+def test_async_view_is_captured_without_a_thread_hop(ring: Reader) -> None:
+    async def get() -> HttpResponse:
+        with override_settings(MOESIF_MIDDLEWARE=BASE_OPTIONS, ROOT_URLCONF=__name__):
+            return await AsyncClient().get("/async?q=1", headers={"X-Trace": "t"})
+
+    response = asyncio.run(get())
+    assert response.status_code == 200 and response.json() == {"async": True, "path": "/async"}
+    [call] = captured(ring)
+    assert call.uri == "http://testserver/async?q=1"
+    assert ("HTTP_X_TRACE", "t") in call.request_headers
+    assert call.transaction_id == response["x-moesif-transaction-id"]
