@@ -14,7 +14,9 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 from . import ringfile
 from .ringbuffer import Producer, RingError, RingFile
@@ -26,6 +28,17 @@ SHIPPER_CHECK_INTERVAL = 2.0  # seconds between checks of the reader heartbeat (
 SHIPPER_STALE_AFTER_NS = 5_000_000_000  # a heartbeat older than this means no shipper
 SHIPPER_IDLE_EXIT = 60  # seconds a fallback shipper waits with nothing to do before exiting
 ATTACH_RETRY_INTERVAL = 5.0  # seconds between attempts when the ring cannot be attached
+
+
+_producers: dict[str, Producer] = {}
+_producers_lock = threading.Lock()
+
+
+def _producer_for(path: str, open_ring: Callable[[], RingFile]) -> Producer:
+    with _producers_lock:
+        if path not in _producers:
+            _producers[path] = Producer(open_ring())
+        return _producers[path]
 
 
 class EventSink:
@@ -58,27 +71,27 @@ class EventSink:
             return None
         self._retry_attach_at = now + ATTACH_RETRY_INTERVAL
         try:
-            ring = self._open_ring()
+            self._producer = self._shared_producer()
         except (OSError, RingError) as error:
             logger.error("moesif_fast: cannot attach to the event ring (%s); events are dropped "
                          "until it can be attached", error)
             return None
-        self._producer = Producer(ring)
         return self._producer
 
-    def _open_ring(self) -> RingFile:
+    def _shared_producer(self) -> Producer:
+        """This process's producer for the deployment's ring: one per ring path, shared by
+        every middleware instance, so a process holds one lane however many it builds."""
         path = os.environ.get(ringfile.RING_ENV)
         if path:
-            return RingFile.attach(path)
+            return _producer_for(path, lambda: RingFile.attach(path))
         settings_module = os.environ.get("DJANGO_SETTINGS_MODULE")
         if not settings_module:
             raise RingError("no gunicorn hooks (MOESIF_FAST_RING) and no DJANGO_SETTINGS_MODULE "
                             "for a fallback shipper to load")
         geometry = ringfile.geometry(self._options, ringfile.FALLBACK_PRODUCERS)
-        ring = RingFile.open(ringfile.ring_path(self._options, settings_module, geometry),
-                             geometry)
+        path = ringfile.ring_path(self._options, settings_module, geometry)
         self._fallback_settings = settings_module
-        return ring
+        return _producer_for(path, lambda: RingFile.open(path, geometry))
 
     def _ensure_shipper(self, ring: RingFile) -> None:
         """Fallback mode: start a shipper if the ring's reader heartbeat is stale."""

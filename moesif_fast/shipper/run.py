@@ -31,6 +31,7 @@ logger = logging.getLogger("moesif_fast.shipper")
 
 EXIT_OK, EXIT_UNDELIVERED, EXIT_BAD_CONFIG = 0, 1, 2
 CHECK_INTERVAL = 1.0  # seconds between checks of the parent and of idleness
+STANDBY_POLL = 1.0  # seconds between attempts of a standby shipper to take the ring
 
 
 def load_options(settings_module: str | None) -> MoesifOptions | None:
@@ -60,19 +61,33 @@ def run_shipper(ring_path: str | None, settings_module: str | None, parent_pid: 
         ring = RingFile.attach(ring_path)
     transport = CollectorTransport(options.base_uri, options.APPLICATION_ID or "",
                                    user_agent=f"moesif_fast-python/{__version__}")
-    try:
-        shipper = Shipper(ring, options, transport)
-    except RingBusyError as busy:
-        logger.info("moesif_fast shipper: %s; exiting", busy)
-        return EXIT_OK
-    logger.info("moesif_fast shipper %d: draining %s to %s", os.getpid(), ring.path,
-                options.base_uri)
     finish = FinishConditions(ring, ParentWatch(parent_pid), idle_exit)
     signal.signal(signal.SIGTERM, finish.request)
     signal.signal(signal.SIGINT, finish.request)
+    shipper = _become_reader(ring, options, transport, standby=parent_pid is not None,
+                             finish=finish)
+    if shipper is None:
+        return EXIT_OK
+    logger.info("moesif_fast shipper %d: draining %s to %s", os.getpid(), ring.path,
+                options.base_uri)
     delivered_all = shipper.run(finish, options.SHUTDOWN_DEADLINE)
     transport.close()
     return EXIT_OK if delivered_all else EXIT_UNDELIVERED
+
+
+def _become_reader(ring: RingFile, options: MoesifOptions, transport: CollectorTransport,
+                   standby: bool, finish: FinishConditions) -> Shipper | None:
+    """The ring's shipper, or None if another process drains it. A shipper serving a gunicorn
+    arbiter waits as a standby while another one holds the ring (a USR2 upgrade runs two
+    arbiters for a while) and takes over when it exits; others leave at once."""
+    while True:
+        try:
+            return Shipper(ring, options, transport)
+        except RingBusyError as busy:
+            if not standby or finish():
+                logger.info("moesif_fast shipper: %s; exiting", busy)
+                return None
+        time.sleep(STANDBY_POLL)
 
 
 class FinishConditions:
