@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         from .stats import main as stats_main
 
         return stats_main(args.rings, args.dir, args.json)
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     return run_demo(args.requests, args.workers)
 

@@ -62,6 +62,8 @@ KIND_RECORD = 1
 KIND_PAD = 2
 MIN_LANE_CAPACITY = 1 << 16
 MAX_LANES = 1024
+POSITION_LIMIT = 1 << 62  # a larger position is corrupt (2^62 bytes: centuries of traffic)
+WORD_MASK = (1 << 64) - 1
 
 _GLOBAL = struct.Struct("<8sIIII5Q")  # magic .. created_ns, at offset 0
 
@@ -89,6 +91,16 @@ class RingBusyError(RingError):
 def ordered_stores() -> bool:
     """True where plain aligned 8-byte stores and loads publish correctly (x86-64, TSO)."""
     return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def bump(words: memoryview, index: int, amount: int = 1) -> None:
+    """Add to a u64 counter, wrapping at 2^64 (a damaged counter must not raise)."""
+    words[index] = (words[index] + amount) & WORD_MASK
+
+
+def lane_is_sane(tail: int, head: int, capacity: int) -> bool:
+    """True if a lane's published tail and committed head can both be real positions."""
+    return not (tail | head) & 15 and tail < POSITION_LIMIT and 0 <= tail - head <= capacity
 
 
 def record_span(payload_len: int) -> int:
@@ -355,7 +367,10 @@ def _parse_header(path: str, header: bytes, actual_size: int) -> tuple[Geometry,
         raise RingFormatError(f"{path} is a ring of format version {version}; this moesif_fast "
                               f"reads version {VERSION}. Remove the file or use one version.")
     geometry = Geometry(lane_count, capacity, max_records)
-    geometry.validate()
+    try:
+        geometry.validate()
+    except RingFormatError as error:
+        raise RingFormatError(f"{path}: {error}") from None
     if (max_record, data_offset, file_size) != (geometry.max_record, geometry.data_offset,
                                                 geometry.file_size):
         raise RingFormatError(f"{path}: inconsistent ring header")

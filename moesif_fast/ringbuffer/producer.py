@@ -30,9 +30,12 @@ from .layout import (
     KIND_PAD,
     KIND_RECORD,
     OWNER_PID,
+    POSITION_LIMIT,
     RECORD_HEADER,
     TAIL,
+    WORD_MASK,
     RingFile,
+    bump,
     try_lock,
 )
 
@@ -54,6 +57,9 @@ class Producer:
         self._bytes = ring.bytes
         self._words = ring.words
         self._locked_publish = ring.locked_publish
+        # (index of the lane's first control word, byte offset of its data) for every lane
+        self._lanes = [(ring.control_word(lane, 0), ring.lane_offset(lane))
+                       for lane in range(geometry.lane_count)]
         self._reset()
         _live_producers.add(self)
 
@@ -65,8 +71,8 @@ class Producer:
         self._lane: int | None = None
         self._lane_fd: int | None = None
         self._overflow_fd: int | None = None
-        self._sync_fd: int | None = None
-        self._busy_drops = 0  # overflow drops not yet added to the lane's counter
+        self._sync_fds: dict[int, int] = {}  # lane → its sync lock (locked-publish mode)
+        self._busy_drops = 0  # drops not yet added to a lane's counter (no lane held then)
 
     @property
     def lane(self) -> int | None:
@@ -92,10 +98,9 @@ class Producer:
     def close(self) -> None:
         """Release this process's lane (it is also released when the process exits)."""
         with self._lock:
-            for fd in (self._lane_fd, self._overflow_fd, self._sync_fd):
-                if fd is not None:
-                    os.close(fd)
-            self._lane_fd = self._overflow_fd = self._sync_fd = None
+            self._close_descriptors()
+            self._lane_fd = self._overflow_fd = None
+            self._sync_fds = {}
             self._lane = None
 
     # -- internals -------------------------------------------------------------------------
@@ -104,22 +109,23 @@ class Producer:
         """Write and publish `record` in `lane`, which this process owns (or holds the overflow
         lock of). The only store another process can observe before the tail is the payload."""
         words = self._words
-        control = self.ring.control_word(lane, 0)
+        control, base = self._lanes[lane]
         if size > self._max_record:
-            words[control + DROPPED_OVERSIZE] += 1
+            bump(words, control + DROPPED_OVERSIZE)
             return False
         capacity = self._capacity
         tail = words[control + TAIL]
+        head = words[control + HEAD]
         offset = tail & self._mask
         span = (size + 31) & -16  # 16-byte header + payload, 16-aligned
         pad = capacity - offset if span > capacity - offset else 0
         end = tail + pad + span
         appended = words[control + APPENDED]
-        if (end - words[control + HEAD] > capacity
-                or appended - words[control + CONSUMED] >= self._max_records):
-            words[control + DROPPED_FULL] += 1
+        if (end - head > capacity or appended - words[control + CONSUMED] >= self._max_records
+                # a damaged lane (see layout.lane_is_sane): refuse it until the reader repairs it
+                or tail < head or (tail | head) & 15 or tail >= POSITION_LIMIT):
+            bump(words, control + DROPPED_FULL)
             return False
-        base = self.ring.lane_offset(lane)
         if pad:
             RECORD_HEADER.pack_into(self._bytes, base + offset, pad - 16, KIND_PAD, 0, tail)
             offset = 0
@@ -130,17 +136,18 @@ class Producer:
             self._publish_locked(lane, control + TAIL, end)
         else:
             words[control + TAIL] = end  # the publish: one aligned 8-byte store
-        words[control + APPENDED] = appended + 1
+        words[control + APPENDED] = (appended + 1) & WORD_MASK
         return True
 
     def _publish_locked(self, lane: int, word: int, value: int) -> None:
-        if self._sync_fd is None:
-            self._sync_fd = self.ring.open_lock(f"sync-{lane:03d}")
-        fcntl.flock(self._sync_fd, fcntl.LOCK_EX)
+        if lane not in self._sync_fds:
+            self._sync_fds[lane] = self.ring.open_lock(f"sync-{lane:03d}")
+        fd = self._sync_fds[lane]
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             self._words[word] = value
         finally:
-            fcntl.flock(self._sync_fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _append_overflow(self, record: bytes) -> bool:
         lane = self.ring.overflow_lane
@@ -154,11 +161,7 @@ class Producer:
             self._busy_drops += 1
             return False
         try:
-            if self._sync_fd is None and self._locked_publish:
-                self._sync_fd = self.ring.open_lock(f"sync-{lane:03d}")
-            if self._busy_drops:
-                self._words[self.ring.control_word(lane, DROPPED_BUSY)] += self._busy_drops
-                self._busy_drops = 0
+            self._flush_busy_drops(lane)
             return self._append(lane, record, len(record))
         finally:
             fcntl.flock(self._overflow_fd, fcntl.LOCK_UN)
@@ -173,22 +176,32 @@ class Producer:
             if try_lock(fd):
                 self._lane, self._lane_fd = lane, fd
                 self._words[self.ring.control_word(lane, OWNER_PID)] = self._pid
+                self._flush_busy_drops(lane)
                 return True
             os.close(fd)
         return False
 
     def _count_nested_drop(self) -> None:
         if self._lane is not None:
-            self._words[self.ring.control_word(self._lane, DROPPED_BUSY)] += 1
+            bump(self._words, self.ring.control_word(self._lane, DROPPED_BUSY))
         else:
             self._busy_drops += 1
+
+    def _flush_busy_drops(self, lane: int) -> None:
+        """Count drops made while no lane was held in `lane`, now held (owned or locked)."""
+        if self._busy_drops:
+            bump(self._words, self.ring.control_word(lane, DROPPED_BUSY), self._busy_drops)
+            self._busy_drops = 0
+
+    def _close_descriptors(self) -> None:
+        for fd in (self._lane_fd, self._overflow_fd, *self._sync_fds.values()):
+            if fd is not None:
+                os.close(fd)
 
     def _after_fork(self) -> None:
         """In a forked child: close the parent's lock descriptors (closing a duplicate does not
         release the parent's flock) and start over as a new process."""
-        for fd in (self._lane_fd, self._overflow_fd, self._sync_fd):
-            if fd is not None:
-                os.close(fd)
+        self._close_descriptors()
         self._reset()
 
 

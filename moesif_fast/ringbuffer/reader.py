@@ -27,6 +27,7 @@ from .layout import (
     HEAD,
     KIND_PAD,
     KIND_RECORD,
+    POSITION_LIMIT,
     RECORD_HEADER,
     TAIL,
     WORD_COMMITTED,
@@ -34,6 +35,8 @@ from .layout import (
     WORD_READER_PID,
     RingBusyError,
     RingFile,
+    bump,
+    lane_is_sane,
     try_lock,
 )
 
@@ -86,9 +89,14 @@ class Reader:
 
     def read(self, max_records: int, max_bytes: int, into: Batch | None = None) -> Batch:
         """Up to `max_records` records and about `max_bytes` payload bytes (at least one record
-        when any is ready, even a larger one), appended to `into` (an uncommitted batch from
-        this reader) or to a new batch. A new batch is empty when nothing is ready."""
+        when any is ready, even a larger one), appended to `into` (the newest uncommitted
+        batch of this reader, or an empty one) or to a new batch. A new batch is empty when
+        nothing is ready."""
         self.heartbeat()
+        if into is not None and into.records and not (self._pending
+                                                      and self._pending[-1] is into):
+            raise ValueError("only the newest uncommitted batch can be extended: extending "
+                             "an older one would release a newer batch's records with it")
         batch = into if into is not None else Batch()
         limit_records = len(batch.records) + max_records
         limit_bytes = batch.nbytes + max_bytes
@@ -111,8 +119,8 @@ class Reader:
             for lane, (position, count) in done.ends.items():
                 control = self.ring.control_word(lane, 0)
                 self._store(lane, control + HEAD, position)
-                self._words[control + CONSUMED] += count
-            self._words[WORD_COMMITTED] += len(done.records)
+                bump(self._words, control + CONSUMED, count)
+            bump(self._words, WORD_COMMITTED, len(done.records))
 
     def close(self) -> None:
         """Give up the reader role (records read but not committed will be read again)."""
@@ -129,14 +137,23 @@ class Reader:
         return [*self._lanes[first:], *self._lanes[:first]]
 
     def _readable(self, lane: int) -> bool:
-        return self._load_tail(lane) != self._positions[lane]
+        """True if the lane has unread records. A lane in an impossible state (positions
+        misaligned, out of order or out of range) is reset and counted."""
+        tail = self._load_tail(lane)
+        position = self._positions[lane]
+        head = self._words[self.ring.control_word(lane, HEAD)]
+        if lane_is_sane(tail, head, self._capacity) and head <= position <= tail \
+                and not position & 15:
+            return tail != position
+        self._reset_lane(lane, tail, Batch())
+        return False
 
     def _read_lane(self, lane: int, batch: Batch, max_records: int, max_bytes: int) -> bool:
         """Append up to the given share of `lane`'s records to `batch`. True if more remain."""
         position = self._positions[lane]
         tail = self._load_tail(lane)
         head = self._words[self.ring.control_word(lane, HEAD)]
-        if not (position <= tail and 0 <= tail - head <= self._capacity):
+        if not (lane_is_sane(tail, head, self._capacity) and head <= position <= tail):
             return self._reset_lane(lane, tail, batch)
         base = self.ring.lane_offset(lane)
         capacity, mask, view = self._capacity, self._mask, self._bytes
@@ -171,9 +188,13 @@ class Reader:
     def _reset_lane(self, lane: int, tail: int, batch: Batch) -> bool:
         """Skip everything in a lane whose contents are inconsistent, and count it. Records
         already read from it stay in their batches, but committing them must no longer move
-        this lane's head, which now stands at `tail`."""
+        this lane's head. A tail that cannot be a position at all is repaired to zero (the
+        one case where the reader writes a tail); otherwise the lane restarts at its tail."""
         control = self.ring.control_word(lane, 0)
-        self._words[control + CORRUPT_RESETS] += 1
+        bump(self._words, control + CORRUPT_RESETS)
+        if tail & 15 or tail >= POSITION_LIMIT:
+            tail = 0
+            self._store(lane, control + TAIL, tail)
         self._positions[lane] = tail
         self._store(lane, control + HEAD, tail)
         self._words[control + CONSUMED] = self._words[control + APPENDED]
