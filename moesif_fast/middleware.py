@@ -76,28 +76,36 @@ class MoesifMiddleware:
             return self._acall(request)
         if self._sink is None:
             return self.get_response(request)
-        request_time = _time_ns()
-        request_body = self._request_body(request) if self.options.LOG_BODY else None
+        started = self.start(request)
         response = self.get_response(request)
-        try:
-            self._capture(request, response, request_time, request_body)
-        except Exception:
-            self._capture_failed()
+        self.finish(request, response, started)
         return response
 
     async def _acall(self, request: HttpRequest) -> HttpResponseBase:
         """The same as __call__ under ASGI: no thread hop. Capture itself never awaits."""
         if self._sink is None:
             return await self.get_response(request)
-        request_time = _time_ns()
-        request_body = self._request_body(request) if self.options.LOG_BODY else None
+        started = self.start(request)
         response = await self.get_response(request)
         try:
             user = await request.auser() if hasattr(request, "auser") else None
-            self._capture(request, response, request_time, request_body, user)
+        except Exception:
+            user = None
+        self.finish(request, response, started, user)
+        return response
+
+    def start(self, request: HttpRequest) -> tuple[int, bytes | int | None]:
+        """Before the view: the request time and (LOG_BODY) the body, read so that the view
+        can still read it."""
+        return _time_ns(), self._request_body(request) if self.options.LOG_BODY else None
+
+    def finish(self, request: HttpRequest, response: HttpResponseBase,
+               started: tuple[int, bytes | int | None], user: Any = None) -> None:
+        """After the view: capture the call. Never raises."""
+        try:
+            self._capture(request, response, *started, user)
         except Exception:
             self._capture_failed()
-        return response
 
     def _request_body(self, request: HttpRequest) -> bytes | int | None:
         """The raw request body, read before the view (which can still read it), or its size
@@ -157,7 +165,10 @@ class MoesifMiddleware:
             payload = encode_call(fields)
         except ValueError:  # a value marshal cannot carry (from a callback or a WSGI server)
             payload = encode_call(_marshal_safe(fields))
-        self._sink.append(payload)
+        written = self._sink.append(payload)
+        if options.LOCAL_DEBUG:  # never headers, bodies or the query string: they hold secrets
+            logger.info("moesif_fast: %s %s -> %d, %s", request.method, request.path,
+                        response.status_code, "queued" if written else "DROPPED (ring full)")
 
     def _uri(self, request: HttpRequest) -> str:
         """scheme://host/path?query as the reference builds it, with the host the client sent

@@ -167,6 +167,9 @@ class Shipper:
             counters.delivered += count
             counters.batches += 1
             counters.last_delivery_ns = time.time_ns()
+            if self.options.LOCAL_DEBUG:
+                logger.info("moesif_fast shipper: delivered %d events (HTTP %s, %d attempts)",
+                            count, outcome.status, outcome.attempts)
         elif outcome.permanent:
             counters.refused += count
             counters.last_error = outcome.error
