@@ -144,8 +144,8 @@ class MoesifMiddleware:
         for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
             if key in meta:
                 request_headers.append((key, meta[key]))
-        response_body = None
-        if options.LOG_BODY and isinstance(response, HttpResponse):
+        response_body = None  # none for HEAD either: no body goes out on the wire (W22)
+        if options.LOG_BODY and isinstance(response, HttpResponse) and request.method != "HEAD":
             content = response.content
             if content:
                 response_body = content if len(content) <= options.MAX_BODY_SIZE \
