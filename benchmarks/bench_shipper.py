@@ -37,7 +37,7 @@ def captured_call(number: int) -> bytes:
         "Incoming", now, now + 1_000_000, "POST", f"http://api.example.com/api/echo?n={number}",
         HEADERS, "203.0.113.9", BODY, 201,
         (("Content-Type", "application/json"), ("x-moesif-transaction-id", f"t-{number}")),
-        BODY, f"t-{number}", None, None, None, None, 1))
+        BODY, f"t-{number}", None, None, None, None, 1, None))
 
 
 @pytest.fixture(scope="module")

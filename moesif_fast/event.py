@@ -160,7 +160,7 @@ class EventBuilder:
             "metadata": call.metadata,
             "direction": call.direction,
             "weight": call.weight,
-            "blocked_by": None,
+            "blocked_by": call.blocked_by,
             "transaction_id": call.transaction_id or str(uuid.uuid4()),
         }
         if self._mask_event_model is None:

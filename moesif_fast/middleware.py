@@ -159,7 +159,7 @@ class MoesifMiddleware:
                                                          response),
             self._session_token(request, response),
             options.GET_METADATA and self._callback(options.GET_METADATA, request, response),
-            1,
+            1, None,
         )
         try:
             payload = encode_call(fields)

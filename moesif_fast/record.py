@@ -4,9 +4,11 @@ The worker copies what it needs out of the live request and response into a plai
 marshals it: no JSON, no base64, no header renaming in the request. The shipper unmarshals it
 into a `CapturedCall` and builds the Moesif event from it (`moesif_fast.event`).
 
-Payload layout: one kind byte, then `marshal.dumps(tuple)` of the `CapturedCall` fields in
-order. Workers and the shipper run the same interpreter and package version (the shipper is
-started from the same environment), so marshal's format is shared; the kind byte carries the
+Payload layout: one kind byte, then marshal data: for b"C" (an API call) the tuple of the
+`CapturedCall` fields in order; for b"U" (a user, company or subscription update, see
+`entities.py`) the tuple (kind, profile dict) with the profile already in wire shape.
+Workers and the shipper run the same interpreter and package version (the shipper is started
+from the same environment), so marshal's format is shared; the kind byte carries the
 record version, so a mixed deployment drops and counts records it cannot read instead of
 misreading them.
 
@@ -20,6 +22,8 @@ import marshal
 from typing import Any, NamedTuple
 
 CALL_V1 = b"C"
+ENTITY_V1 = b"U"
+ENTITY_KINDS = ("user", "company", "subscription")
 
 Body = bytes | int | None
 """A captured body: the bytes, None when there is none (or LOG_BODY is off), or an int (the
@@ -48,6 +52,7 @@ class CapturedCall(NamedTuple):
     session_token: Any
     metadata: Any
     weight: int  # sampling weight (1 = sample rate 100)
+    blocked_by: str | None  # the governance rule that blocked the request, if one did
 
 
 FIELD_COUNT = len(CapturedCall._fields)
@@ -59,8 +64,15 @@ def encode_call(fields: tuple) -> bytes:
     return CALL_V1 + marshal.dumps(fields)
 
 
-def decode(payload: bytes) -> CapturedCall | None:
+def encode_entity(kind: str, profile: dict) -> bytes:
+    """Pack one profile update (`kind` in ENTITY_KINDS, `profile` in wire shape)."""
+    return ENTITY_V1 + marshal.dumps((kind, profile))
+
+
+def decode(payload: bytes) -> CapturedCall | EntityUpdate | None:
     """The record in `payload`, or None when it is not a well-formed record of a known kind."""
+    if payload[:1] == ENTITY_V1:
+        return _decode_entity(payload)
     if payload[:1] != CALL_V1:
         return None
     try:
@@ -82,11 +94,28 @@ def decode(payload: bytes) -> CapturedCall | None:
         and type(call.weight) is int
         and (call.remote_addr is None or type(call.remote_addr) is str)
         and (call.transaction_id is None or type(call.transaction_id) is str)
+        and (call.blocked_by is None or type(call.blocked_by) is str)
         and _is_body(call.request_body)
         and _is_body(call.response_body)
     ):
         return None
     return call
+
+
+class EntityUpdate(NamedTuple):
+    kind: str  # "user" | "company" | "subscription"
+    profile: dict[str, Any]
+
+
+def _decode_entity(payload: bytes) -> EntityUpdate | None:
+    try:
+        fields = marshal.loads(payload[1:])
+    except (ValueError, EOFError, TypeError):
+        return None
+    if (type(fields) is tuple and len(fields) == 2 and fields[0] in ENTITY_KINDS
+            and type(fields[1]) is dict):
+        return EntityUpdate(*fields)
+    return None
 
 
 def _is_body(value: object) -> bool:

@@ -48,6 +48,7 @@ def make_call(**fields: Any) -> CapturedCall:
         "session_token": None,
         "metadata": None,
         "weight": 1,
+        "blocked_by": None,
     }
     return CapturedCall(**{**defaults, **fields})
 
