@@ -226,6 +226,45 @@ class MoesifMiddleware:
                            "the response was sent unchanged", self.capture_errors, exc_info=True)
 
 
+    # Profile updates, callable as in the reference: MoesifMiddleware(None).update_user({...}).
+    # They go through the ring and the shipper; sync=True sends now (see moesif_fast.entities).
+
+    def update_user(self, user_profile: Any, *, sync: bool = False, timeout: float = 5.0) -> Any:
+        from . import entities
+
+        return entities.update_user(user_profile, sync=sync, timeout=timeout)
+
+    def update_users_batch(self, user_profiles: Any, *, sync: bool = False,
+                           timeout: float = 5.0) -> Any:
+        from . import entities
+
+        return entities.update_users_batch(user_profiles, sync=sync, timeout=timeout)
+
+    def update_company(self, company_profile: Any, *, sync: bool = False,
+                       timeout: float = 5.0) -> Any:
+        from . import entities
+
+        return entities.update_company(company_profile, sync=sync, timeout=timeout)
+
+    def update_companies_batch(self, company_profiles: Any, *, sync: bool = False,
+                               timeout: float = 5.0) -> Any:
+        from . import entities
+
+        return entities.update_companies_batch(company_profiles, sync=sync, timeout=timeout)
+
+    def update_subscription(self, subscription: Any, *, sync: bool = False,
+                            timeout: float = 5.0) -> Any:
+        from . import entities
+
+        return entities.update_subscription(subscription, sync=sync, timeout=timeout)
+
+    def update_subscriptions_batch(self, subscriptions: Any, *, sync: bool = False,
+                                   timeout: float = 5.0) -> Any:
+        from . import entities
+
+        return entities.update_subscriptions_batch(subscriptions, sync=sync, timeout=timeout)
+
+
 moesif_middleware = MoesifMiddleware
 
 
