@@ -22,6 +22,7 @@ import math
 import time
 import uuid
 import zlib
+from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
 
@@ -107,11 +108,7 @@ class EventBuilder:
         sent (MASK_EVENT_MODEL failed, unknown direction, a time out of range)."""
         if call.direction == INCOMING:
             incoming = True
-            names = self._header_names
-            headers = {
-                (names.get(key) or self._incoming_header_name(key)): value
-                for key, value in call.request_headers
-            }
+            headers = self.wire_headers(call.request_headers)
         elif call.direction == OUTGOING:
             incoming = False
             headers = dict(call.request_headers)
@@ -132,7 +129,7 @@ class EventBuilder:
         )
         user_id = call.user_id
         if user_id is None and incoming:
-            user_id = self._user_id_from_headers(headers)
+            user_id = self.user_id_from_headers(headers)
 
         event = {
             "request": {
@@ -141,7 +138,7 @@ class EventBuilder:
                 "verb": call.verb,
                 "headers": request_headers,
                 "api_version": self._api_version,
-                "ip_address": self._client_ip(headers, call.remote_addr) if incoming else None,
+                "ip_address": self.client_ip(headers, call.remote_addr) if incoming else None,
                 "body": request_body,
                 "transfer_encoding": request_encoding,
             },
@@ -211,6 +208,14 @@ class EventBuilder:
     def _not_captured(self, why: str) -> tuple[dict[str, str], str]:
         return {"msg": f"{why} ({self._max_body_size} bytes)"}, "json"
 
+    def wire_headers(self, meta_headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """Incoming request headers by the names the reference sends (§2.3), from META keys.
+        The middleware uses this (with client_ip and user_id_from_headers) for governance and
+        sampling facts, so they follow exactly the rules of the event."""
+        names = self._header_names
+        return {(names.get(key) or self._incoming_header_name(key)): value
+                for key, value in meta_headers}
+
     def _incoming_header_name(self, meta_key: str) -> str:
         """WSGI META key → header name as the reference sends it: HTTP_X_API_KEY → X-API-KEY."""
         name = meta_key[5:] if meta_key.startswith("HTTP_") else meta_key
@@ -218,7 +223,7 @@ class EventBuilder:
         _remember(self._header_names, meta_key, name)
         return name
 
-    def _user_id_from_headers(self, headers: dict[str, str]) -> str | None:
+    def user_id_from_headers(self, headers: dict[str, str]) -> str | None:
         """The user id in the first configured authorization header that has a value (§2.6)."""
         for name in self._authorization_headers:
             token = headers.get(name)
@@ -230,7 +235,7 @@ class EventBuilder:
                 return user_id
         return None
 
-    def _client_ip(self, headers: dict[str, str], remote_addr: str | None) -> str | None:
+    def client_ip(self, headers: dict[str, str], remote_addr: str | None) -> str | None:
         """The first client-IP header holding a valid address (§2.4), else REMOTE_ADDR. A header
         with no valid address falls through to the next one (the reference's W9 bug fixed)."""
         for name in _IP_HEADERS:

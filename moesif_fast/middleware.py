@@ -24,6 +24,8 @@ from django.conf import settings as django_settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from . import settings
+from .event import EventBuilder
+from .policy import Policy, RequestFacts, Ruling
 from .record import encode_call
 from .sink import EventSink
 
@@ -36,6 +38,7 @@ ERROR_LOG_INTERVAL = 60.0  # seconds between two logged capture errors in one pr
 
 _time_ns = time.time_ns
 _getrandbits = random.getrandbits  # reseeded in each forked child by the random module
+_random = random.random
 
 
 def new_transaction_id() -> str:
@@ -63,6 +66,8 @@ class MoesifMiddleware:
                          "but not captured.")
         self.options = options
         self._sink = EventSink(options) if options is not None else None
+        # Header naming, client IP and Authorization-header user ids, as the shipper does them
+        self._builder = EventBuilder(options) if options is not None else None
         self._proxy_ssl_header = bool(django_settings.SECURE_PROXY_SSL_HEADER)
         self._forwarded_host = bool(django_settings.USE_X_FORWARDED_HOST)
         self.capture_errors = 0
@@ -77,21 +82,38 @@ class MoesifMiddleware:
         if self._sink is None:
             return self.get_response(request)
         started = self.start(request)
-        response = self.get_response(request)
-        self.finish(request, response, started)
+        policy = self._sink.policy()
+        ruling = self._govern(request, policy, None, None) if policy.governs() else None
+        if ruling is not None and ruling.block is not None:
+            response = self._blocked(ruling)  # the view does not run
+        else:
+            response = self.get_response(request)
+            if policy.governs():
+                ruling = self._govern_after(request, response, policy, ruling, None)
+        self.finish(request, response, started, policy=policy, ruling=ruling)
         return response
 
     async def _acall(self, request: HttpRequest) -> HttpResponseBase:
-        """The same as __call__ under ASGI: no thread hop. Capture itself never awaits."""
+        """The same as __call__ under ASGI: no thread hop. Capture itself never awaits; the
+        user is resolved with auser(), as evaluating request.user would query synchronously."""
         if self._sink is None:
             return await self.get_response(request)
         started = self.start(request)
-        response = await self.get_response(request)
-        try:
-            user = await request.auser() if hasattr(request, "auser") else None
-        except Exception:
-            user = None
-        self.finish(request, response, started, user)
+        policy = self._sink.policy()
+        user = None
+        if policy.governs() or self.options.IDENTIFY_USER is None:
+            try:
+                user = await request.auser() if hasattr(request, "auser") else None
+            except Exception:
+                user = None
+        ruling = self._govern(request, policy, None, user) if policy.governs() else None
+        if ruling is not None and ruling.block is not None:
+            response = self._blocked(ruling)
+        else:
+            response = await self.get_response(request)
+            if policy.governs():
+                ruling = self._govern_after(request, response, policy, ruling, user)
+        self.finish(request, response, started, user, policy=policy, ruling=ruling)
         return response
 
     def start(self, request: HttpRequest) -> tuple[int, bytes | int | None]:
@@ -100,12 +122,80 @@ class MoesifMiddleware:
         return _time_ns(), self._request_body(request) if self.options.LOG_BODY else None
 
     def finish(self, request: HttpRequest, response: HttpResponseBase,
-               started: tuple[int, bytes | int | None], user: Any = None) -> None:
+               started: tuple[int, bytes | int | None], user: Any = None, *,
+               policy: Policy | None = None, ruling: Ruling | None = None) -> None:
         """After the view: capture the call. Never raises."""
         try:
-            self._capture(request, response, *started, user)
+            blocked_by = ruling.block.rule_id if ruling and ruling.block else None
+            self._capture(request, response, *started, user,
+                          policy or self._sink.policy(), blocked_by)
         except Exception:
             self._capture_failed()
+
+    # -- governance ------------------------------------------------------------------------
+
+    def _govern(self, request: HttpRequest, policy: Policy, response: HttpResponseBase | None,
+                user: Any) -> Ruling | None:
+        """The ruling of the rules that can be decided now (before the view when `response`
+        is None). A rule that cannot be evaluated is treated as not matching."""
+        try:
+            facts = self._facts(request, policy.governance_needs(), response, user)
+            return policy.govern(facts, after_view=response is not None)
+        except Exception:
+            self._capture_failed()
+            return None
+
+    def _govern_after(self, request: HttpRequest, response: HttpResponseBase, policy: Policy,
+                      before: Ruling | None, user: Any) -> Ruling | None:
+        """Apply the rules that need the response: a block replaces it; the headers of the
+        matched non-blocking rules are added to it."""
+        ruling = self._govern(request, policy, response, user) if policy.needs_response() \
+            else None
+        headers = {**(before.headers if before else {}), **(ruling.headers if ruling else {})}
+        if ruling is not None and ruling.block is not None:
+            return Ruling(headers, ruling.block)
+        try:
+            for name, value in headers.items():
+                response[name] = value
+        except Exception:
+            self._capture_failed()
+        return Ruling(headers, None) if headers else None
+
+    def _blocked(self, ruling: Ruling) -> HttpResponseBase:
+        block = ruling.block
+        response = HttpResponse(block.body, status=block.status)
+        for name, value in ruling.headers.items():
+            response[name] = value
+        return response
+
+    def _facts(self, request: HttpRequest, needs: frozenset[str],
+               response: HttpResponseBase | None, user: Any) -> RequestFacts:
+        """What the policy needs to know of this request; facts it does not need are left
+        empty, so an uninterested policy costs nothing."""
+        meta = request.META
+        wire = self._builder.wire_headers(
+            (key, value) for key, value in meta.items()
+            if "HTTP_" <= key < "HTTP`" or key in ("CONTENT_TYPE", "CONTENT_LENGTH")
+        ) if needs & {"headers", "ip_address", "user_id"} else {}
+        user_id = None
+        if "user_id" in needs:
+            user_id = (self._user_id(request, response, user)
+                       or self._builder.user_id_from_headers(wire))
+        company_id = None
+        if "company_id" in needs and self.options.IDENTIFY_COMPANY is not None:
+            company_id = self._callback(self.options.IDENTIFY_COMPANY, request, response)
+        return RequestFacts(
+            verb=request.method or "",
+            route=request.path,
+            ip_address=self._builder.client_ip(wire, meta.get("REMOTE_ADDR"))
+            if "ip_address" in needs else None,
+            headers={name.lower(): value for name, value in wire.items()}
+            if "headers" in needs else {},
+            body=_json_body(request) if "body" in needs else None,
+            user_id=user_id,
+            company_id=company_id,
+            status=response.status_code if response is not None else None,
+        )
 
     def _request_body(self, request: HttpRequest) -> bytes | int | None:
         """The raw request body, read before the view (which can still read it), or its size
@@ -124,8 +214,10 @@ class MoesifMiddleware:
             return None
 
     def _capture(self, request: HttpRequest, response: HttpResponseBase, request_time: int,
-                 request_body: bytes | int | None, user: Any = None) -> None:
-        """Record the call. `user`: the resolved request.user under ASGI (see _acall)."""
+                 request_body: bytes | int | None, user: Any, policy: Policy,
+                 blocked_by: str | None) -> None:
+        """Record the call, if SKIP and sampling let it through. `user`: request.user as
+        resolved under ASGI (see _acall)."""
         response_time = _time_ns()
         options = self.options
         if options.SKIP and self._callback(options.SKIP, request, response):
@@ -137,6 +229,11 @@ class MoesifMiddleware:
             if not transaction_id or len(transaction_id) > MAX_CLIENT_TRANSACTION_ID:
                 transaction_id = new_transaction_id()
             response[TRANSACTION_HEADER] = transaction_id
+        needs = policy.sampling_needs()
+        rate = policy.sample_rate(self._facts(request, needs, response, user)) if needs \
+            else policy.global_sample_rate
+        if rate < 100 and not Policy.keep(rate, _random()):
+            return  # sampled out: decided before any capture work
         # Exactly the keys that start with "HTTP_" ("`" follows "_"): a range test is the
         # cheapest exact prefix test, and wsgiref servers also put os.environ in META.
         request_headers = [(key, value) for key, value in meta.items()
@@ -159,7 +256,7 @@ class MoesifMiddleware:
                                                          response),
             self._session_token(request, response),
             options.GET_METADATA and self._callback(options.GET_METADATA, request, response),
-            1, None,
+            Policy.weight(rate), blocked_by,
         )
         try:
             payload = encode_call(fields)
@@ -273,6 +370,15 @@ def _response_headers(response: HttpResponseBase) -> tuple[tuple[str, str], ...]
     if isinstance(store, dict):
         return tuple(store.values())
     return tuple((str(name), str(value)) for name, value in response.items())
+
+
+def _json_body(request: HttpRequest) -> Any:
+    """The request body parsed as JSON, for governance conditions on body fields; None when
+    there is none or it is not JSON."""
+    try:
+        return json.loads(request.body) if request.body else None
+    except Exception:
+        return None
 
 
 def _marshal_safe(fields: tuple) -> tuple:

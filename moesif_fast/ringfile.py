@@ -44,3 +44,8 @@ def ring_path(options: MoesifOptions, settings_module: str, ring_geometry: Geome
 def shipper_stats_path(path: str) -> str:
     """Where the shipper of the ring at `path` publishes its counters."""
     return path + ".shipper.json"
+
+
+def policy_snapshot_path(path: str) -> str:
+    """Where the shipper of the ring at `path` publishes the collector's config and rules."""
+    return path + ".policy.json"

@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable
 
 from . import ringfile
+from .policy import Policy
 from .ringbuffer import Producer, RingError, RingFile
 from .settings import MoesifOptions
+from .snapshot import PolicySource
 
 logger = logging.getLogger("moesif_fast")
 
@@ -52,7 +54,18 @@ class EventSink:
         self._fallback_settings: str | None = None  # set in fallback mode
         self._next_shipper_check = 0.0
         self._started_shipper: subprocess.Popen[bytes] | None = None
+        self._policy_source: PolicySource | None = None
         self.unrecorded_drops = 0  # records lost before any ring was attached
+
+    def policy(self) -> Policy:
+        """The sampling and governance policy the shipper published for this ring (the
+        defaults until it has, or while no ring is attached)."""
+        if self._policy_source is None:
+            producer = self._producer or self._attach()
+            if producer is None:
+                return Policy.DEFAULT
+            self._policy_source = PolicySource(ringfile.policy_snapshot_path(producer.ring.path))
+        return self._policy_source.current()
 
     def append(self, payload: bytes) -> bool:
         """Append one record; False when it was dropped (the ring or this sink counted it)."""

@@ -14,7 +14,8 @@ from dataclasses import asdict
 from typing import Any
 
 from .ringbuffer import RingError, RingFile
-from .ringfile import shipper_stats_path
+from .ringfile import policy_snapshot_path, shipper_stats_path
+from .snapshot import read as read_snapshot
 
 
 def find_rings(directory: str) -> list[str]:
@@ -34,6 +35,7 @@ def collect(path: str) -> dict[str, Any]:
     except (OSError, ValueError):
         shipper = None
     lanes = [dict(asdict(lane), records_in_use=lane.records_in_use) for lane in stats.lanes]
+    snapshot = read_snapshot(policy_snapshot_path(path))
     return {
         "ring": path,
         "capacity_bytes": stats.capacity,
@@ -48,6 +50,10 @@ def collect(path: str) -> dict[str, Any]:
         "reader_heartbeat_age_s": _age(stats.reader_heartbeat_ns),
         "lanes": lanes,
         "shipper": shipper,
+        "policy": None if snapshot is None else {
+            "age_s": _age(snapshot.fetched_ns), "config_etag": snapshot.config_etag,
+            "rules_tag": snapshot.rules_tag,
+            "rules": len(snapshot.rules) if isinstance(snapshot.rules, list) else 0},
     }
 
 
@@ -75,10 +81,18 @@ def render(report: dict[str, Any]) -> str:
             f"{shipper['in_flight']} batches; last delivery "
             f"{_seconds(_age(shipper['last_delivery_ns']))} ago; counters "
             f"{_seconds(_age(shipper['heartbeat_ns']))} old")
+        lines.append(f"  updates     delivered {shipper['updates_delivered']}, refused "
+                     f"{shipper['updates_refused']} (users, companies, subscriptions)")
         if shipper.get("last_error"):
             lines.append(f"  last error  {shipper['last_error']}")
     else:
         lines.append("  shipper     no counters published yet")
+    policy = report["policy"]
+    lines.append("  config      none fetched yet: sampling everything, blocking nothing"
+                 if policy is None else
+                 f"  config      fetched {_seconds(policy['age_s'])} ago, config ETag "
+                 f"{policy['config_etag']}, rules tag {policy['rules_tag']}, "
+                 f"{policy['rules']} governance rules")
     lines.append("  lane  owner pid   appended       held   dropped  corrupt")
     for lane in lanes:
         dropped = lane["dropped_full"] + lane["dropped_oversize"] + lane["dropped_busy"]

@@ -1,12 +1,14 @@
-"""The shipper's main loop: drain the ring in batches, turn records into events, send, commit.
+"""The shipper's main loop: drain the ring in batches, turn records into requests, send, commit.
 
-One batch of the ring becomes one `POST /v1/events/batch`. A batch is sent as soon as it holds
-BATCH_SIZE events or MAX_BATCH_BYTES of records, and a partial batch after LINGER seconds. Up to
-IN_FLIGHT batches are sent at once by daemon sender threads (the transport retries each until
-delivered, refused for good, or told to stop), so a slow collector does not stall the drain. A
-batch is committed to the ring (its space released) only after the collector answered 2xx or
-refused it for good; anything not delivered when the shipper stops stays in the ring for the
-next shipper (at-least-once).
+One batch of the ring becomes one `POST /v1/events/batch` for its API calls, plus one
+`POST /v1/{users,companies,subscriptions}/batch` per kind of profile update it holds. A batch
+is sent as soon as it holds BATCH_SIZE records or MAX_BATCH_BYTES, and a partial batch after
+LINGER seconds. Up to IN_FLIGHT batches are sent at once by daemon sender threads (the transport
+retries each request until delivered, refused for good, or told to stop), so a slow collector
+does not stall the drain. A batch is committed to the ring (its space released) only when every
+request made from it was answered 2xx or refused for good; anything not delivered when the
+shipper stops stays in the ring for the next shipper (at-least-once). Delivered batches' config
+and rules tags go to the PolicyRefresher, which re-fetches them when they change.
 
 Counters are published every second in `<ring>.shipper.json` for `python -m moesif_fast stats`.
 """
@@ -22,11 +24,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from ..entities import entity_requests
 from ..event import EventBuilder, EventDropped, serialize_batch
-from ..record import decode
+from ..record import EntityUpdate, decode
 from ..ringbuffer import Batch, Reader, RingFile
-from ..ringfile import shipper_stats_path
+from ..ringfile import policy_snapshot_path, shipper_stats_path
 from ..settings import MoesifOptions
+from .refresh import PolicyRefresher
 from .transport import CollectorTransport, Outcome
 
 logger = logging.getLogger("moesif_fast.shipper")
@@ -46,6 +50,8 @@ class ShipperCounters:
     heartbeat_ns: int = 0
     delivered: int = 0  # events the collector acknowledged
     refused: int = 0  # events in batches the collector refused for good (4xx)
+    updates_delivered: int = 0  # user/company/subscription updates acknowledged
+    updates_refused: int = 0
     undecodable: int = 0  # ring records that were not a valid record
     masked_out: int = 0  # events dropped because MASK_EVENT_MODEL failed
     build_errors: int = 0  # events that could not be built
@@ -53,6 +59,23 @@ class ShipperCounters:
     in_flight: int = 0
     last_delivery_ns: int = 0
     last_error: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """One POST made from a ring batch."""
+
+    batch: Batch
+    path: str
+    body: bytes
+    count: int  # events or updates in the body
+    compress: bool
+
+
+@dataclass
+class BatchProgress:
+    waiting: int  # requests of the batch not answered yet
+    keep: bool = False  # some request was stopped undelivered: do not commit the batch
 
 
 class Shipper:
@@ -68,8 +91,10 @@ class Shipper:
         self.builder = EventBuilder(options)
         self.counters = ShipperCounters(pid=os.getpid(), started_ns=time.time_ns())
         self.stop_sending = threading.Event()  # interrupts retries once the deadline passed
-        self._jobs: queue.Queue[tuple[Batch, bytes, int]] = queue.Queue()
-        self._done: queue.Queue[tuple[Batch, int, Outcome]] = queue.Queue()
+        self.refresher = PolicyRefresher(transport, policy_snapshot_path(ring.path))
+        self._jobs: queue.Queue[Request] = queue.Queue()
+        self._done: queue.Queue[tuple[Request, Outcome]] = queue.Queue()
+        self._unsettled: dict[Batch, BatchProgress] = {}  # batches with requests in flight
         self._in_flight = 0
         self._next_stats = 0.0
         for number in range(IN_FLIGHT):
@@ -112,6 +137,7 @@ class Shipper:
                 self.reader.heartbeat()
             if finish_by is not None and open_batch is None and self._in_flight == 0 \
                     and not self.reader.pending() and not self.ring.owned_lanes():
+                self.refresher.stop()
                 self._publish_stats(force=True)
                 return True
             self._publish_stats()
@@ -121,32 +147,40 @@ class Shipper:
     # -- batches ---------------------------------------------------------------------------
 
     def _dispatch(self, batch: Batch) -> None:
-        events = []
+        events, updates = [], []
         for payload in batch.records:
-            call = decode(payload)
-            if call is None:
+            record = decode(payload)
+            if record is None:
                 self.counters.undecodable += 1
-                continue
-            try:
-                events.append(self.builder.build(call))
-            except EventDropped:
-                self.counters.masked_out += 1
-            except Exception:
-                self.counters.build_errors += 1
-                logger.warning("moesif_fast shipper: could not build an event; it is dropped",
-                               exc_info=True)
-        if not events:
+            elif isinstance(record, EntityUpdate):
+                updates.append(record)
+            else:
+                try:
+                    events.append(self.builder.build(record))
+                except EventDropped:
+                    self.counters.masked_out += 1
+                except Exception:
+                    self.counters.build_errors += 1
+                    logger.warning("moesif_fast shipper: could not build an event; it is "
+                                   "dropped", exc_info=True)
+        requests = [Request(batch, EVENTS_PATH, serialize_batch(events), len(events), True)
+                    ] if events else []
+        requests += [Request(batch, path, body, count, False)
+                     for path, body, count in entity_requests(updates)]
+        if not requests:
             self.reader.commit(batch)
             return
         self._in_flight += 1
-        self._jobs.put((batch, serialize_batch(events), len(events)))
+        self._unsettled[batch] = BatchProgress(len(requests))
+        for request in requests:
+            self._jobs.put(request)
 
     def _send_forever(self) -> None:
         while True:
-            batch, body, count = self._jobs.get()
-            outcome = self.transport.post(EVENTS_PATH, body, compress=True, give_up_at=None,
-                                          stop=self.stop_sending)
-            self._done.put((batch, count, outcome))
+            request = self._jobs.get()
+            outcome = self.transport.post(request.path, request.body, compress=request.compress,
+                                          give_up_at=None, stop=self.stop_sending)
+            self._done.put((request, outcome))
 
     def _collect_results(self, wait: float) -> None:
         try:
@@ -154,34 +188,48 @@ class Shipper:
         except queue.Empty:
             return
         while True:
-            self._finish_batch(*result)
+            self._settle(*result)
             try:
                 result = self._done.get_nowait()
             except queue.Empty:
                 return
 
-    def _finish_batch(self, batch: Batch, count: int, outcome: Outcome) -> None:
-        self._in_flight -= 1
+    def _settle(self, request: Request, outcome: Outcome) -> None:
         counters = self.counters
+        is_events = request.path == EVENTS_PATH
         if outcome.delivered:
-            counters.delivered += count
-            counters.batches += 1
-            counters.last_delivery_ns = time.time_ns()
+            if is_events:
+                counters.delivered += request.count
+                counters.batches += 1
+                counters.last_delivery_ns = time.time_ns()
+                self.refresher.notice_tags(outcome.config_etag, outcome.rules_tag)
+            else:
+                counters.updates_delivered += request.count
             if self.options.LOCAL_DEBUG:
-                logger.info("moesif_fast shipper: delivered %d events (HTTP %s, %d attempts)",
-                            count, outcome.status, outcome.attempts)
+                logger.info("moesif_fast shipper: delivered %d to %s (HTTP %s, %d attempts)",
+                            request.count, request.path, outcome.status, outcome.attempts)
         elif outcome.permanent:
-            counters.refused += count
+            if is_events:
+                counters.refused += request.count
+            else:
+                counters.updates_refused += request.count
             counters.last_error = outcome.error
-            logger.error("moesif_fast shipper: the collector refused a batch of %d events "
-                         "(%s); they are dropped", count, outcome.error)
-        else:  # stopped before delivery: leave it in the ring for the next shipper
+            logger.error("moesif_fast shipper: the collector refused %d records for %s (%s); "
+                         "they are dropped", request.count, request.path, outcome.error)
+        else:  # stopped before delivery: the batch stays in the ring for the next shipper
             counters.last_error = outcome.error
-            return
-        self.reader.commit(batch)
+        progress = self._unsettled[request.batch]
+        progress.waiting -= 1
+        progress.keep = progress.keep or not (outcome.delivered or outcome.permanent)
+        if progress.waiting == 0:
+            del self._unsettled[request.batch]
+            self._in_flight -= 1
+            if not progress.keep:
+                self.reader.commit(request.batch)
 
     def _give_up(self, open_batch: Batch | None) -> bool:
         self.stop_sending.set()
+        self.refresher.stop()
         deadline = time.monotonic() + 2.0
         while self._in_flight and time.monotonic() < deadline:
             self._collect_results(wait=0.1)
