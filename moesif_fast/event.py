@@ -262,11 +262,15 @@ class EventBuilder:
         except Exception as exc:
             raise EventDropped("MASK_EVENT_MODEL raised", type(exc).__name__) from exc
         try:
-            return _event_from_model(returned)
+            event = _event_from_model(returned)
         except Exception as exc:
             raise EventDropped(
                 "MASK_EVENT_MODEL returned no event", type(returned).__name__
             ) from exc
+        problem = _shape_problem(event)
+        if problem:  # the collector would refuse the whole batch for it (W9): drop this one
+            raise EventDropped("MASK_EVENT_MODEL returned an invalid event", problem)
+        return event
 
 
 def serialize_batch(events: list[dict[str, Any]]) -> bytes:
@@ -283,6 +287,31 @@ def _serialize_event(event: dict[str, Any]) -> bytes:
         return _ENCODE(event).encode()
     except (TypeError, ValueError, RecursionError):
         return _ENCODE(_json_safe(event, 0, set())).encode()
+
+
+def json_safe(value: Any) -> Any:
+    """A copy of `value` that JSON can carry (see _json_safe); the worker uses it too."""
+    return _json_safe(value, 0, set())
+
+
+def _shape_problem(event: dict[str, Any]) -> str | None:
+    """What makes `event` not of the §1.4 shape in the fields the collector checks, or None."""
+    request, response = event["request"], event["response"]
+    for where, part in (("request", request), ("response", response)):
+        if not isinstance(part["time"], str):
+            return f"{where}.time is not a string"
+        headers = part["headers"]
+        if not (isinstance(headers, dict) and all(
+                isinstance(name, str) and isinstance(value, str)
+                for name, value in headers.items())):
+            return f"{where}.headers is not a map of strings"
+    if not (isinstance(request["uri"], str) and isinstance(request["verb"], str)):
+        return "request.uri or request.verb is not a string"
+    if type(response["status"]) is not int:
+        return "response.status is not an integer"
+    if not isinstance(event["transaction_id"], str | None):
+        return "transaction_id is not a string"
+    return None
 
 
 def _json_safe(value: Any, depth: int, on_path: set[int]) -> Any:

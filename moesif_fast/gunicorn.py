@@ -160,9 +160,10 @@ def _remove_drained_ring(server: Any) -> None:
         stats = ring.stats()
         if stats.bytes_in_use == 0 and not ring.owned_lanes():
             ring.unlink()
-            stats_file = ringfile.shipper_stats_path(_State.ring_path)
-            if os.path.exists(stats_file):
-                os.unlink(stats_file)
+            for companion in (ringfile.shipper_stats_path(_State.ring_path),
+                              ringfile.policy_snapshot_path(_State.ring_path)):
+                if os.path.exists(companion):
+                    os.unlink(companion)
         else:
             server.log.warning("moesif_fast: %d events were not delivered; they stay in %s "
                                "and are sent by the next shipper", stats.records_in_use,

@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings as django_settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.utils.functional import SimpleLazyObject
 
 from . import settings
-from .event import EventBuilder
+from .event import EventBuilder, json_safe
 from .policy import Policy, RequestFacts, Ruling
 from .record import encode_call
 from .sink import EventSink
@@ -72,6 +73,9 @@ class MoesifMiddleware:
         self._forwarded_host = bool(django_settings.USE_X_FORWARDED_HOST)
         self.capture_errors = 0
         self._next_error_log = 0.0
+        self._has_callbacks = options is not None and any(
+            getattr(options, name) is not None for name in
+            ("SKIP", "IDENTIFY_USER", "IDENTIFY_COMPANY", "GET_SESSION_TOKEN", "GET_METADATA"))
         self._is_async = iscoroutinefunction(get_response)
         if self._is_async:
             markcoroutinefunction(self)
@@ -94,27 +98,33 @@ class MoesifMiddleware:
         return response
 
     async def _acall(self, request: HttpRequest) -> HttpResponseBase:
-        """The same as __call__ under ASGI: no thread hop. Capture itself never awaits; the
-        user is resolved with auser(), as evaluating request.user would query synchronously."""
+        """The same as __call__ under ASGI, with no thread hop unless user callbacks are set:
+        those may use the ORM, so they run in Django's sync thread as they would under WSGI.
+        The user comes from auser(), as evaluating request.user would query synchronously."""
         if self._sink is None:
             return await self.get_response(request)
         started = self.start(request)
         policy = self._sink.policy()
-        user = None
-        if policy.governs() or self.options.IDENTIFY_USER is None:
-            try:
-                user = await request.auser() if hasattr(request, "auser") else None
-            except Exception:
-                user = None
-        ruling = self._govern(request, policy, None, user) if policy.governs() else None
+        user = await _resolved_user(request)
+        ruling = None
+        if policy.governs():
+            ruling = await self._in_sync_thread(self._govern, request, policy, None, user)
         if ruling is not None and ruling.block is not None:
             response = self._blocked(ruling)
         else:
             response = await self.get_response(request)
             if policy.governs():
-                ruling = self._govern_after(request, response, policy, ruling, user)
-        self.finish(request, response, started, user, policy=policy, ruling=ruling)
+                ruling = await self._in_sync_thread(self._govern_after, request, response,
+                                                    policy, ruling, user)
+        await self._in_sync_thread(self.finish, request, response, started, user,
+                                   policy=policy, ruling=ruling)
         return response
+
+    async def _in_sync_thread(self, function: Callable[..., Any], *args: Any,
+                              **kwargs: Any) -> Any:
+        if self._has_callbacks:
+            return await sync_to_async(function, thread_sensitive=True)(*args, **kwargs)
+        return function(*args, **kwargs)
 
     def start(self, request: HttpRequest) -> tuple[int, bytes | int | None]:
         """Before the view: the request time and (LOG_BODY) the body, read so that the view
@@ -201,9 +211,12 @@ class MoesifMiddleware:
         """The raw request body, read before the view (which can still read it), or its size
         when it is larger than MAX_BODY_SIZE (then it is left for the view to stream)."""
         declared = request.META.get("CONTENT_LENGTH")
-        if not declared:
-            return None
         try:
+            if not declared:
+                if "wsgi.input" in request.META:
+                    return None  # WSGI without a length: Django reads no body either
+                body = request.body  # ASGI (e.g. chunked): already received in full
+                return (len(body) if len(body) > self.options.MAX_BODY_SIZE else body) or None
             size = int(declared)
             if size <= 0:
                 return None
@@ -262,6 +275,10 @@ class MoesifMiddleware:
             payload = encode_call(fields)
         except ValueError:  # a value marshal cannot carry (from a callback or a WSGI server)
             payload = encode_call(_marshal_safe(fields))
+        if len(payload) > self._sink.max_record:  # too big for the ring: keep the event,
+            fields = fields[:7] + (_size(request_body),) + fields[8:10] + (  # mark the bodies
+                _size(response_body),) + fields[11:]
+            payload = encode_call(_marshal_safe(fields))
         written = self._sink.append(payload)
         if options.LOCAL_DEBUG:  # never headers, bodies or the query string: they hold secrets
             logger.info("moesif_fast: %s %s -> %d, %s", request.method, request.path,
@@ -271,7 +288,8 @@ class MoesifMiddleware:
         """scheme://host/path?query as the reference builds it, with the host the client sent
         (Django's get_host() re-validates ALLOWED_HOSTS on every call: 5 µs, and it raises)."""
         meta = request.META
-        scheme = request.scheme if self._proxy_ssl_header else meta.get("wsgi.url_scheme", "http")
+        scheme = request.scheme if self._proxy_ssl_header \
+            else meta.get("wsgi.url_scheme") or request.scheme  # ASGI has no wsgi.url_scheme
         if self._forwarded_host and "HTTP_X_FORWARDED_HOST" in meta:
             host = meta["HTTP_X_FORWARDED_HOST"]
         elif "HTTP_HOST" in meta:
@@ -302,7 +320,9 @@ class MoesifMiddleware:
             # resolved by auser(): evaluating the lazy object would query synchronously.
             user = user or getattr(request, "user", None)
             if user is not None and user.is_authenticated:
-                return user.get_username() or None
+                get_username = getattr(user, "get_username", None)
+                return (get_username() if get_username else getattr(user, "username", None)) \
+                    or None
         except Exception:
             pass
         return None  # the shipper then reads the Authorization header
@@ -372,6 +392,22 @@ def _response_headers(response: HttpResponseBase) -> tuple[tuple[str, str], ...]
     return tuple((str(name), str(value)) for name, value in response.items())
 
 
+async def _resolved_user(request: HttpRequest) -> Any:
+    """request.user under ASGI: a user set by a later authentication middleware as it is, the
+    lazy session user through auser()."""
+    user = request.__dict__.get("user")
+    if user is not None and not isinstance(user, SimpleLazyObject):
+        return user
+    try:
+        return await request.auser() if hasattr(request, "auser") else None
+    except Exception:
+        return None
+
+
+def _size(body: bytes | int | None) -> int | None:
+    return len(body) if isinstance(body, bytes) else body
+
+
 def _json_body(request: HttpRequest) -> Any:
     """The request body parsed as JSON, for governance conditions on body fields; None when
     there is none or it is not JSON."""
@@ -383,8 +419,8 @@ def _json_body(request: HttpRequest) -> Any:
 
 def _marshal_safe(fields: tuple) -> tuple:
     """`fields` with header values made strings and callback results made plain JSON types
-    (datetimes, Decimals, sets... become strings), so that marshal can carry them."""
+    (datetimes, Decimals, bytes, sets... converted as the shipper does), so that marshal can
+    carry them."""
     request_headers = tuple((str(name), str(value)) for name, value in fields[5])
-    callback_results = tuple(json.loads(json.dumps(value, default=str))
-                             for value in fields[12:16])
+    callback_results = tuple(json_safe(value) for value in fields[12:16])
     return fields[:5] + (request_headers,) + fields[6:12] + callback_results + fields[16:]

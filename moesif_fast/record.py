@@ -18,6 +18,7 @@ on bad bytes, it returns None and the caller counts the record as undecodable.
 
 from __future__ import annotations
 
+import json
 import marshal
 from typing import Any, NamedTuple
 
@@ -82,13 +83,17 @@ def decode(payload: bytes) -> CapturedCall | EntityUpdate | None:
     if type(fields) is not tuple or len(fields) != FIELD_COUNT:
         return None
     call = CapturedCall._make(fields)
+    request_headers = _header_pairs(call.request_headers)
+    if request_headers is None:
+        return None
+    if request_headers is not call.request_headers:
+        call = call._replace(request_headers=request_headers)
     if not (
         isinstance(call.direction, str)
         and type(call.request_time_ns) is int
         and type(call.response_time_ns) is int
         and isinstance(call.verb, str)
         and isinstance(call.uri, str)
-        and _is_pairs(call.request_headers)
         and _is_pairs(call.response_headers)
         and type(call.status) is int
         and type(call.weight) is int
@@ -120,6 +125,29 @@ def _decode_entity(payload: bytes) -> EntityUpdate | None:
 
 def _is_body(value: object) -> bool:
     return value is None or type(value) in (bytes, int)
+
+
+def _header_pairs(value: object) -> tuple[tuple[str, str], ...] | None:
+    """Request headers with string values, as the reference flattens them (None → "", other
+    values → JSON), or None when they are not (name, value) pairs. A WSGI server or an earlier
+    middleware may put non-string values in META; the worker copies them as they are."""
+    if type(value) is not tuple or not all(
+            type(pair) is tuple and len(pair) == 2 and type(pair[0]) is str for pair in value):
+        return None
+    if all(type(pair[1]) is str for pair in value):
+        return value
+    return tuple((name, _flat(header)) for name, header in value)
+
+
+def _flat(value: object) -> str:
+    if type(value) is str:
+        return value
+    if value is None:
+        return ""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _is_pairs(value: object) -> bool:

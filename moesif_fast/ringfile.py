@@ -6,8 +6,10 @@ the geometry: a changed EVENT_QUEUE_SIZE or worker count gives a new file, never
 
 Sizing rule (documented in the README): the ring holds at most `options.ring_bytes` of lane data
 (RING_BYTES, or EVENT_QUEUE_SIZE × 4 KiB clamped to [4 MiB, 32 MiB]), split into power-of-two
-lanes, one per producer process plus one shared overflow lane; at most EVENT_QUEUE_SIZE events
-are held, split evenly across lanes. Beyond either bound new events are dropped and counted.
+lanes, one per producer process plus one shared overflow lane, each large enough for an event
+whose two bodies are at MAX_BODY_SIZE (so the ring may exceed ring_bytes with many workers);
+each lane (so each process, as moesifdjango's per-process queue) holds at most
+EVENT_QUEUE_SIZE events. Beyond either bound new events are dropped and counted.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .settings import MoesifOptions
 RING_ENV = "MOESIF_FAST_RING"  # set by the gunicorn hooks; workers attach to this path
 FALLBACK_PRODUCERS = 16  # dedicated lanes when no hook told us the number of workers
 MAX_PRODUCERS = 64
+RECORD_HEADROOM = 64 << 10  # room for headers, URI and callback results in the largest record
 
 
 def producers_for_workers(workers: int) -> int:
@@ -30,7 +33,10 @@ def producers_for_workers(workers: int) -> int:
 
 
 def geometry(options: MoesifOptions, producers: int) -> Geometry:
-    return Geometry.for_size(options.ring_bytes, producers, options.EVENT_QUEUE_SIZE)
+    """Lanes hold an event with both bodies at MAX_BODY_SIZE plus RECORD_HEADROOM of headers,
+    even when that makes the ring larger than ring_bytes."""
+    return Geometry.for_size(options.ring_bytes, producers, options.EVENT_QUEUE_SIZE,
+                             largest_record=2 * options.MAX_BODY_SIZE + RECORD_HEADROOM)
 
 
 def ring_path(options: MoesifOptions, settings_module: str, ring_geometry: Geometry) -> str:

@@ -4,8 +4,9 @@ Under the gunicorn hooks the arbiter has created the ring and exported its path 
 MOESIF_FAST_RING before forking; the worker attaches to it on its first event. Without the
 hooks (runserver, uWSGI, tests) the worker opens the deployment's ring itself (the same path
 every process of the deployment derives, see `ringfile`) and, when the ring's reader heartbeat
-is stale, starts a detached `python -m moesif_fast ship --idle-exit ...` for it; the reader
-lock makes sure only one of those started by racing workers keeps running.
+is stale, starts a detached `python -m moesif_fast ship --idle-exit ...` for it (its log goes
+to `<ring>.shipper.log`); the reader lock makes sure only one of those started by racing
+workers keeps running.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class EventSink:
     def __init__(self, options: MoesifOptions) -> None:
         self._options = options
         self._producer: Producer | None = None
+        self._attach_lock = threading.Lock()
         self._retry_attach_at = 0.0
         self._fallback_settings: str | None = None  # set in fallback mode
         self._next_shipper_check = 0.0
@@ -67,6 +69,12 @@ class EventSink:
             self._policy_source = PolicySource(ringfile.policy_snapshot_path(producer.ring.path))
         return self._policy_source.current()
 
+    @property
+    def max_record(self) -> int:
+        """The largest record the ring takes (0 while no ring is attached)."""
+        producer = self._producer or self._attach()
+        return producer.ring.geometry.max_record if producer else 0
+
     def append(self, payload: bytes) -> bool:
         """Append one record; False when it was dropped (the ring or this sink counted it)."""
         producer = self._producer or self._attach()
@@ -79,17 +87,18 @@ class EventSink:
         return written
 
     def _attach(self) -> Producer | None:
-        now = time.monotonic()
-        if now < self._retry_attach_at:
-            return None
-        self._retry_attach_at = now + ATTACH_RETRY_INTERVAL
-        try:
-            self._producer = self._shared_producer()
-        except (OSError, RingError) as error:
-            logger.error("moesif_fast: cannot attach to the event ring (%s); events are dropped "
-                         "until it can be attached", error)
-            return None
-        return self._producer
+        """Attach on first use. Threads arriving meanwhile (gthread workers) wait for it;
+        after a failure, attaching is retried every ATTACH_RETRY_INTERVAL seconds."""
+        with self._attach_lock:
+            if self._producer is not None or time.monotonic() < self._retry_attach_at:
+                return self._producer
+            try:
+                self._producer = self._shared_producer()
+            except (OSError, RingError) as error:
+                self._retry_attach_at = time.monotonic() + ATTACH_RETRY_INTERVAL
+                logger.error("moesif_fast: cannot attach to the event ring (%s); events are "
+                             "dropped until it can be attached", error)
+            return self._producer
 
     def _shared_producer(self) -> Producer:
         """This process's producer for the deployment's ring: one per ring path, shared by
@@ -118,8 +127,10 @@ class EventSink:
                    "--settings", self._fallback_settings or "",
                    "--idle-exit", str(SHIPPER_IDLE_EXIT)]
         try:
-            self._started_shipper = subprocess.Popen(
-                command, env=environment, stdin=subprocess.DEVNULL, start_new_session=True)
+            with open(ring.path + ".shipper.log", "ab") as log:  # not the app's stdout/stderr:
+                self._started_shipper = subprocess.Popen(  # a caller may be reading those
+                    command, env=environment, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         except OSError as error:
             logger.error("moesif_fast: cannot start a shipper (%s): %s", error, command)
             return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +36,8 @@ class Snapshot:
 
 def publish(path: str, snapshot: Snapshot) -> None:
     """Replace the snapshot at `path` atomically."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as file:
+    descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(descriptor, "w") as file:
         json.dump(snapshot.__dict__, file)
     os.replace(temporary, path)
 

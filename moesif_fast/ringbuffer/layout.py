@@ -117,19 +117,22 @@ class Geometry:
     max_records: int  # most unconsumed records a lane holds
 
     @classmethod
-    def for_size(cls, total_bytes: int, producers: int, max_records: int) -> Geometry:
-        """A geometry of `producers` dedicated lanes plus overflow in at most `total_bytes`
-        of lane data; `max_records` is split evenly across lanes (rounded up)."""
+    def for_size(cls, total_bytes: int, producers: int, max_records: int,
+                 largest_record: int = 0) -> Geometry:
+        """A geometry of `producers` dedicated lanes plus overflow in about `total_bytes` of
+        lane data, each lane holding at most `max_records` unconsumed records. Lanes are a
+        power of two of at least MIN_LANE_CAPACITY bytes, and big enough for a record of
+        `largest_record` bytes even if that takes more than `total_bytes`."""
         lane_count = producers + 1
         capacity = 1 << max(0, (total_bytes // lane_count).bit_length() - 1)
-        capacity = max(capacity, MIN_LANE_CAPACITY)
-        return cls(lane_count, capacity, -(-max_records // lane_count))
+        needed = 1 << (2 * (largest_record + RECORD_HEADER_BYTES) - 1).bit_length()
+        return cls(lane_count, max(capacity, needed, MIN_LANE_CAPACITY), max_records)
 
     @property
     def max_record(self) -> int:
-        """Largest payload a lane takes: a quarter of the lane, less the header, so a record
-        and its worst-case wrap pad always fit once the reader has caught up."""
-        return self.lane_capacity // 4 - RECORD_HEADER_BYTES
+        """Largest payload a lane takes: half the lane, less the header. A record then always
+        fits once the reader has caught up: its wrap pad is shorter than the record."""
+        return self.lane_capacity // 2 - RECORD_HEADER_BYTES
 
     @property
     def data_offset(self) -> int:
