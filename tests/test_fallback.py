@@ -138,9 +138,6 @@ def test_django_test_client_in_a_script_delivers_through_the_fallback(
     assert "--idle-exit" in shipper.cmdline()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "product bug: sink.py starts the fallback shipper with the worker's stdout and stderr, so "
-    "a caller reading the script's output waits for EOF until the shipper idles out (60 s)"))
 def test_fallback_shipper_does_not_hold_the_callers_output_pipes(
         workspace: Path, collector: Collector) -> None:
     script = run_client_script(workspace, collector, 5, subprocess.PIPE)
