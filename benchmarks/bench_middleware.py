@@ -27,7 +27,6 @@ from django.http import HttpRequest, HttpResponse, JsonResponse  # noqa: E402
 from django.test import RequestFactory  # noqa: E402
 
 from moesif_fast import ringfile  # noqa: E402
-from moesif_fast.demo.run import start_collector, stop  # noqa: E402
 from moesif_fast.middleware import MoesifMiddleware  # noqa: E402
 from moesif_fast.ringbuffer import Geometry, Reader, RingFile  # noqa: E402
 
@@ -63,14 +62,6 @@ def ring_reader() -> Iterator[Reader]:
         yield reader
         reader.close()
         del os.environ[ringfile.RING_ENV]
-
-
-@pytest.fixture(scope="module")
-def collector_url() -> Iterator[str]:
-    with tempfile.TemporaryDirectory() as directory:
-        process, url = start_collector(directory)
-        yield url
-        stop(process)
 
 
 def drained(reader: Reader) -> Callable[[], tuple[tuple[HttpRequest], dict[str, object]]]:

@@ -14,11 +14,10 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from moesif_fast.demo.run import APPLICATION_ID, start_collector, stop
+from moesif_fast.demo.run import APPLICATION_ID
 from moesif_fast.record import encode_call
 from moesif_fast.ringbuffer import Geometry, Producer, RingFile
 from moesif_fast.settings import MoesifOptions
@@ -38,14 +37,6 @@ def captured_call(number: int) -> bytes:
         HEADERS, "203.0.113.9", BODY, 201,
         (("Content-Type", "application/json"), ("x-moesif-transaction-id", f"t-{number}")),
         BODY, f"t-{number}", None, None, None, None, 1, None))
-
-
-@pytest.fixture(scope="module")
-def collector_url() -> Iterator[str]:
-    with tempfile.TemporaryDirectory() as directory:
-        process, url = start_collector(directory)
-        yield url
-        stop(process)
 
 
 @pytest.mark.parametrize("batch_size", [25, 100, 500])

@@ -24,7 +24,7 @@ from django.conf import settings as django_settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.functional import SimpleLazyObject
 
-from . import settings
+from . import entities, settings
 from .event import EventBuilder, json_safe
 from .policy import Policy, RequestFacts, Ruling
 from .record import encode_call
@@ -345,41 +345,12 @@ class MoesifMiddleware:
 
     # Profile updates, callable as in the reference: MoesifMiddleware(None).update_user({...}).
     # They go through the ring and the shipper; sync=True sends now (see moesif_fast.entities).
-
-    def update_user(self, user_profile: Any, *, sync: bool = False, timeout: float = 5.0) -> Any:
-        from . import entities
-
-        return entities.update_user(user_profile, sync=sync, timeout=timeout)
-
-    def update_users_batch(self, user_profiles: Any, *, sync: bool = False,
-                           timeout: float = 5.0) -> Any:
-        from . import entities
-
-        return entities.update_users_batch(user_profiles, sync=sync, timeout=timeout)
-
-    def update_company(self, company_profile: Any, *, sync: bool = False,
-                       timeout: float = 5.0) -> Any:
-        from . import entities
-
-        return entities.update_company(company_profile, sync=sync, timeout=timeout)
-
-    def update_companies_batch(self, company_profiles: Any, *, sync: bool = False,
-                               timeout: float = 5.0) -> Any:
-        from . import entities
-
-        return entities.update_companies_batch(company_profiles, sync=sync, timeout=timeout)
-
-    def update_subscription(self, subscription: Any, *, sync: bool = False,
-                            timeout: float = 5.0) -> Any:
-        from . import entities
-
-        return entities.update_subscription(subscription, sync=sync, timeout=timeout)
-
-    def update_subscriptions_batch(self, subscriptions: Any, *, sync: bool = False,
-                                   timeout: float = 5.0) -> Any:
-        from . import entities
-
-        return entities.update_subscriptions_batch(subscriptions, sync=sync, timeout=timeout)
+    update_user = staticmethod(entities.update_user)
+    update_users_batch = staticmethod(entities.update_users_batch)
+    update_company = staticmethod(entities.update_company)
+    update_companies_batch = staticmethod(entities.update_companies_batch)
+    update_subscription = staticmethod(entities.update_subscription)
+    update_subscriptions_batch = staticmethod(entities.update_subscriptions_batch)
 
 
 moesif_middleware = MoesifMiddleware

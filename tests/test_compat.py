@@ -51,6 +51,7 @@ from django.http import HttpResponseBase  # noqa: E402
 from django.test import AsyncClient, Client, override_settings  # noqa: E402
 from django.test.client import FakePayload  # noqa: E402
 from django.utils.asyncio import async_unsafe  # noqa: E402
+from event_shape import EVENT_KEYS, EVENT_TIME, REQUEST_KEYS, RESPONSE_KEYS  # noqa: E402
 
 from moesif_fast import ringfile, sink  # noqa: E402
 from moesif_fast import settings as moesif_settings  # noqa: E402
@@ -74,12 +75,6 @@ TRANSACTION_HEADER = "x-moesif-transaction-id"
 EVENT_TRANSACTION_KEY = "X-MOESIF-TRANSACTION-ID"
 CLIENT_ADDRESS = "127.0.0.1"  # the test client's REMOTE_ADDR
 
-EVENT_KEYS = ["request", "response", "session_token", "tags", "user_id", "company_id",
-              "metadata", "direction", "weight", "blocked_by", "transaction_id"]
-REQUEST_KEYS = ["time", "uri", "verb", "headers", "api_version", "ip_address", "body",
-                "transfer_encoding"]
-RESPONSE_KEYS = ["time", "status", "headers", "body", "ip_address", "transfer_encoding"]
-EVENT_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%f"
 
 

@@ -38,6 +38,7 @@ from conftest import (
     send_requests,
     wait_until,
 )
+from event_shape import EVENT_KEYS, EVENT_TIME, REQUEST_KEYS, RESPONSE_KEYS
 
 from moesif_fast.ringfile import producers_for_workers, shipper_stats_path
 
@@ -48,12 +49,6 @@ WORKER_SETUPS = {
     "gthread": ("--worker-class", "gthread", "--threads", "4"),
     "preload": ("--preload",),
 }
-EVENT_KEYS = ["request", "response", "session_token", "tags", "user_id", "company_id",
-              "metadata", "direction", "weight", "blocked_by", "transaction_id"]
-REQUEST_KEYS = ["time", "uri", "verb", "headers", "api_version", "ip_address", "body",
-                "transfer_encoding"]
-RESPONSE_KEYS = ["time", "status", "headers", "body", "ip_address", "transfer_encoding"]
-EVENT_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}")
 TIME_SLACK = 0.002  # event times are truncated to milliseconds
 RSS_GROWTH_LIMIT = 10 << 20
 

@@ -382,6 +382,15 @@ def _parse_header(path: str, header: bytes, actual_size: int) -> tuple[Geometry,
     return geometry, bool(flags & FLAG_LOCKED_PUBLISH)
 
 
+def store_locked(fd: int, words: memoryview, index: int, value: int) -> None:
+    """Locked-publish mode: store a control word while holding the lane's sync lock."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        words[index] = value
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def try_lock(fd: int) -> bool:
     """Take an exclusive flock on `fd` without waiting; False if another holder has it."""
     try:

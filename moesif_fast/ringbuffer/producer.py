@@ -36,6 +36,7 @@ from .layout import (
     WORD_MASK,
     RingFile,
     bump,
+    store_locked,
     try_lock,
 )
 
@@ -142,12 +143,7 @@ class Producer:
     def _publish_locked(self, lane: int, word: int, value: int) -> None:
         if lane not in self._sync_fds:
             self._sync_fds[lane] = self.ring.open_lock(f"sync-{lane:03d}")
-        fd = self._sync_fds[lane]
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            self._words[word] = value
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        store_locked(self._sync_fds[lane], self._words, word, value)
 
     def _append_overflow(self, record: bytes) -> bool:
         lane = self.ring.overflow_lane

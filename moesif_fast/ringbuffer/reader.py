@@ -37,6 +37,7 @@ from .layout import (
     RingFile,
     bump,
     lane_is_sane,
+    store_locked,
     try_lock,
 )
 
@@ -214,15 +215,10 @@ class Reader:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _store(self, lane: int, word: int, value: int) -> None:
-        if not self.ring.locked_publish:
+        if self.ring.locked_publish:
+            store_locked(self._sync_fd(lane), self._words, word, value)
+        else:
             self._words[word] = value
-            return
-        fd = self._sync_fd(lane)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            self._words[word] = value
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _sync_fd(self, lane: int) -> int:
         if lane not in self._sync_fds:
