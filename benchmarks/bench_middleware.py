@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -26,9 +25,8 @@ django.setup()
 from django.http import HttpRequest, HttpResponse, JsonResponse  # noqa: E402
 from django.test import RequestFactory  # noqa: E402
 
-from moesif_fast import ringfile  # noqa: E402
 from moesif_fast.middleware import MoesifMiddleware  # noqa: E402
-from moesif_fast.ringbuffer import Geometry, Reader, RingFile  # noqa: E402
+from moesif_fast.ringbuffer import Reader  # noqa: E402
 
 ROUNDS = 20_000
 REQUEST_JSON = json.dumps({"user": "ada", "items": [{"id": n, "name": f"item {n}"}
@@ -49,19 +47,6 @@ def make_request() -> tuple[tuple[HttpRequest], dict[str, object]]:
     request = RequestFactory().post("/api/echo", REQUEST_JSON, content_type="application/json",
                                     **HEADERS)
     return (request,), {}
-
-
-@pytest.fixture(scope="module")
-def ring_reader() -> Iterator[Reader]:
-    """A ring the middleware appends to (as under the gunicorn hooks), drained by this test."""
-    with tempfile.TemporaryDirectory() as directory:
-        ring = RingFile.create(os.path.join(directory, "bench.ring"),
-                               Geometry.for_size(16 << 20, 4, 1_000_000))
-        os.environ[ringfile.RING_ENV] = ring.path
-        reader = Reader(ring)
-        yield reader
-        reader.close()
-        del os.environ[ringfile.RING_ENV]
 
 
 def drained(reader: Reader) -> Callable[[], tuple[tuple[HttpRequest], dict[str, object]]]:

@@ -125,7 +125,8 @@ class EventBuilder:
             call.request_body, request_headers, self._request_body_decoder, "request"
         )
         response_body, response_encoding = self._body(
-            call.response_body, response_headers, self._response_body_decoder, "response"
+            call.response_body, response_headers, self._response_body_decoder, "response",
+            decoded=not incoming,  # requests has undone Content-Encoding already
         )
         user_id = call.user_id
         if user_id is None and incoming:
@@ -179,16 +180,18 @@ class EventBuilder:
         return f"{text}.{fraction_ns // 1_000:06d}"
 
     def _body(
-        self, raw: Body, headers: dict[str, str], decoder: json.JSONDecoder, side: str
+        self, raw: Body, headers: dict[str, str], decoder: json.JSONDecoder, side: str,
+        decoded: bool = False,
     ) -> tuple[Any, str | None]:
-        """(body, transfer_encoding) for a captured body, per reference §2.2."""
+        """(body, transfer_encoding) for a captured body, per reference §2.2. `decoded`: the
+        bytes are already free of their Content-Encoding (an outgoing response)."""
         if type(raw) is int:
             return self._not_captured(
                 f"{side} body of {raw} bytes not captured: it is larger than MAX_BODY_SIZE"
             )
         if not raw:
             return None, None
-        if "gzip" in _header_value(headers, "content-encoding").lower():
+        if not decoded and "gzip" in _header_value(headers, "content-encoding").lower():
             try:
                 decompressed = _gunzip(raw, self._max_body_size)
             except zlib.error:

@@ -24,10 +24,10 @@ from django.conf import settings as django_settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.functional import SimpleLazyObject
 
-from . import entities, settings
-from .event import EventBuilder, json_safe
+from . import entities, outgoing, settings
+from .event import EventBuilder
 from .policy import Policy, RequestFacts, Ruling
-from .record import encode_call
+from .record import encode_call_safely
 from .sink import EventSink
 
 logger = logging.getLogger("moesif_fast")
@@ -67,6 +67,8 @@ class MoesifMiddleware:
                          "but not captured.")
         self.options = options
         self._sink = EventSink(options) if options is not None else None
+        if options is not None and options.CAPTURE_OUTGOING_REQUESTS:
+            outgoing.enable(options)  # never disabled here: another instance may want it
         # Header naming, client IP and Authorization-header user ids, as the shipper does them
         self._builder = EventBuilder(options) if options is not None else None
         self._proxy_ssl_header = bool(django_settings.SECURE_PROXY_SSL_HEADER)
@@ -271,14 +273,11 @@ class MoesifMiddleware:
             options.GET_METADATA and self._callback(options.GET_METADATA, request, response),
             Policy.weight(rate), blocked_by,
         )
-        try:
-            payload = encode_call(fields)
-        except ValueError:  # a value marshal cannot carry (from a callback or a WSGI server)
-            payload = encode_call(_marshal_safe(fields))
+        payload = encode_call_safely(fields)
         if len(payload) > self._sink.max_record:  # too big for the ring: keep the event,
             fields = fields[:7] + (_size(request_body),) + fields[8:10] + (  # mark the bodies
                 _size(response_body),) + fields[11:]
-            payload = encode_call(_marshal_safe(fields))
+            payload = encode_call_safely(fields)
         written = self._sink.append(payload)
         if options.LOCAL_DEBUG:  # never headers, bodies or the query string: they hold secrets
             logger.info("moesif_fast: %s %s -> %d, %s", request.method, request.path,
@@ -388,10 +387,3 @@ def _json_body(request: HttpRequest) -> Any:
         return None
 
 
-def _marshal_safe(fields: tuple) -> tuple:
-    """`fields` with header values made strings and callback results made plain JSON types
-    (datetimes, Decimals, bytes, sets... converted as the shipper does), so that marshal can
-    carry them."""
-    request_headers = tuple((str(name), str(value)) for name, value in fields[5])
-    callback_results = tuple(json_safe(value) for value in fields[12:16])
-    return fields[:5] + (request_headers,) + fields[6:12] + callback_results + fields[16:]

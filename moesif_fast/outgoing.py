@@ -45,7 +45,6 @@ Rules:
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import threading
 import time
@@ -55,7 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from .record import Body, encode_call
+from .record import Body, encode_call_safely
 from .settings import MoesifOptions
 from .sink import EventSink
 
@@ -79,13 +78,16 @@ _installed = False  # `_send` is in the chain of requests.Session.send
 
 def enable(options: MoesifOptions) -> None:
     """Capture outgoing `requests` calls with `options` (the latest call's options win).
-    Idempotent and thread-safe: `requests.Session.send` is replaced once."""
+    Idempotent and thread-safe: `requests.Session.send` is replaced once, and `_send` never
+    ends up in its own chain."""
     global _capture, _original_send, _installed
     with _state_lock:
         if _capture is None or _capture.options != options:
             _capture = _OutgoingCapture(options)
-        if not _installed:
-            _original_send = vars(requests.Session)["send"]
+        current_send = vars(requests.Session)["send"]
+        # Also when another library put back the original that we had replaced.
+        if not _installed or current_send is _original_send:
+            _original_send = current_send
             requests.Session.send = _send  # type: ignore[method-assign]
             _installed = True
 
@@ -102,6 +104,7 @@ def disable() -> None:
 
 
 def is_enabled() -> bool:
+    """Whether outgoing calls are being captured in this process."""
     return _capture is not None
 
 
@@ -187,10 +190,7 @@ class _OutgoingCapture:
                 options.GET_METADATA_OUTGOING, final_request, response),
             1, None,
         )
-        try:
-            payload = encode_call(fields)
-        except ValueError:  # a callback result marshal cannot carry
-            payload = encode_call(_marshal_safe(fields))
+        payload = encode_call_safely(fields)
         written = self._sink.append(payload)
         if options.LOCAL_DEBUG:  # never headers, bodies or the query string: they hold secrets
             logger.info("moesif_fast: outgoing %s %s -> %s, %s", method,
@@ -217,8 +217,8 @@ class _OutgoingCapture:
 
 
 def _request_body(body: object, limit: int) -> Body:
-    """The body as it went on the wire, or None for a file or iterator (read while sending;
-    reading it here would take it from the caller)."""
+    """The body as it went on the wire (its size when over `limit`), or None for a file or an
+    iterator (read while sending; reading it here would take it from the caller)."""
     if body is None:
         return None
     if type(body) is bytes:
@@ -262,9 +262,3 @@ def _without_credentials(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
-def _marshal_safe(fields: tuple) -> tuple:
-    """`fields` with the callback results (user, company, session token, metadata) made plain
-    JSON types (datetimes, Decimals, sets... become strings), so that marshal can carry them."""
-    callback_results = tuple(json.loads(json.dumps(value, default=str))
-                             for value in fields[12:16])
-    return fields[:12] + callback_results + fields[16:]

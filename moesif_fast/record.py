@@ -65,6 +65,21 @@ def encode_call(fields: tuple) -> bytes:
     return CALL_V1 + marshal.dumps(fields)
 
 
+def encode_call_safely(fields: tuple) -> bytes:
+    """`encode_call`, making header values strings and callback results (user, company,
+    session token, metadata) plain JSON types, as the shipper would, when marshal refuses
+    them (datetimes, Decimals, objects from a WSGI server or a callback)."""
+    try:
+        return encode_call(fields)
+    except ValueError:
+        from .event import json_safe  # event imports this module
+
+        request_headers = tuple((str(name), str(value)) for name, value in fields[5])
+        callback_results = tuple(json_safe(value) for value in fields[12:16])
+        return encode_call(fields[:5] + (request_headers,) + fields[6:12] + callback_results
+                           + fields[16:])
+
+
 def encode_entity(kind: str, profile: dict) -> bytes:
     """Pack one profile update (`kind` in ENTITY_KINDS, `profile` in wire shape)."""
     return ENTITY_V1 + marshal.dumps((kind, profile))

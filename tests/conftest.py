@@ -30,8 +30,10 @@ import psutil
 import pytest
 import requests
 
+from moesif_fast import ringfile
 from moesif_fast.collector import read_events, read_stats
 from moesif_fast.demo.run import start_collector, start_gunicorn, stop
+from moesif_fast.ringbuffer import Geometry, Reader, RingFile
 
 Result = TypeVar("Result")
 
@@ -395,3 +397,14 @@ def assert_at_least_once(exchanges: list[Exchange],
     assert not missing, f"{len(missing)} answered requests have no event, e.g. {missing[:10]}"
     sent = {exchange.request_id for exchange in exchanges}
     assert events_by_id.keys() <= sent, "events for requests nobody sent"
+
+
+@pytest.fixture
+def ring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Reader]:
+    """A fresh ring this process's captures append to (as under the gunicorn hooks, through
+    MOESIF_FAST_RING), and its reader."""
+    ring_file = RingFile.create(str(tmp_path / "test.ring"), Geometry.for_size(4 << 20, 2, 1000))
+    monkeypatch.setenv(ringfile.RING_ENV, ring_file.path)
+    reader = Reader(ring_file)
+    yield reader
+    reader.close()

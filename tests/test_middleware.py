@@ -13,9 +13,6 @@ import decimal
 import json
 import os
 import uuid
-from collections.abc import Iterator
-
-import pytest
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "moesif_fast.demo.settings")
 
@@ -32,10 +29,10 @@ from django.http import (  # noqa: E402
 from django.test import AsyncClient, Client, override_settings  # noqa: E402
 from django.urls import path  # noqa: E402
 from django.views.decorators.csrf import csrf_exempt  # noqa: E402
+from records import captured  # noqa: E402
 
 from moesif_fast import ringfile  # noqa: E402
 from moesif_fast.event import EventBuilder  # noqa: E402
-from moesif_fast.record import CapturedCall, decode  # noqa: E402
 from moesif_fast.ringbuffer import Geometry, Reader, RingFile  # noqa: E402
 from moesif_fast.settings import MoesifOptions  # noqa: E402
 
@@ -62,24 +59,6 @@ async def async_echo(request: HttpRequest) -> HttpResponse:
 
 urlpatterns = [path("echo", echo), path("upload", upload_size), path("stream", stream),
                path("async", async_echo)]
-
-
-@pytest.fixture
-def ring(tmp_path, monkeypatch) -> Iterator[Reader]:
-    """A fresh ring the middleware appends to, and its reader."""
-    ring_file = RingFile.create(str(tmp_path / "test.ring"), Geometry.for_size(4 << 20, 2, 1000))
-    monkeypatch.setenv(ringfile.RING_ENV, ring_file.path)
-    reader = Reader(ring_file)
-    yield reader
-    reader.close()
-
-
-def captured(reader: Reader) -> list[CapturedCall]:
-    batch = reader.read(1000, 1 << 30)
-    reader.commit(batch)
-    calls = [decode(record) for record in batch.records]
-    assert None not in calls
-    return calls
 
 
 def send(method: str, url: str, options: dict[str, object] | None = None,

@@ -117,6 +117,7 @@ class CollectorTransport:
         self._max_backoff = max_backoff
         self._gzip_level = gzip_level
         self._session = requests.Session()
+        self._session.moesif_fast_internal = True  # never captured (outgoing.py)
         self._session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         self._session.headers.update(
             {"X-Moesif-Application-Id": application_id, "User-Agent": user_agent}
