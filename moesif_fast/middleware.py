@@ -90,12 +90,14 @@ class MoesifMiddleware:
         started = self.start(request)
         policy = self._sink.policy()
         ruling = self._govern(request, policy, None, None) if policy.governs() else None
-        if ruling is not None and ruling.block is not None:
-            response = self._blocked(ruling)  # the view does not run
+        blocked = self._blocked(ruling)
+        if blocked is not None:
+            response = blocked  # the view does not run
         else:
             response = self.get_response(request)
             if policy.governs():
                 ruling = self._govern_after(request, response, policy, ruling, None)
+                response = _either(self._blocked(ruling), response)
         self.finish(request, response, started, policy=policy, ruling=ruling)
         return response
 
@@ -111,13 +113,15 @@ class MoesifMiddleware:
         ruling = None
         if policy.governs():
             ruling = await self._in_sync_thread(self._govern, request, policy, None, user)
-        if ruling is not None and ruling.block is not None:
-            response = self._blocked(ruling)
+        blocked = self._blocked(ruling)
+        if blocked is not None:
+            response = blocked
         else:
             response = await self.get_response(request)
             if policy.governs():
                 ruling = await self._in_sync_thread(self._govern_after, request, response,
                                                     policy, ruling, user)
+                response = _either(self._blocked(ruling), response)
         await self._in_sync_thread(self.finish, request, response, started, user,
                                    policy=policy, ruling=ruling)
         return response
@@ -173,11 +177,18 @@ class MoesifMiddleware:
             self._capture_failed()
         return Ruling(headers, None) if headers else None
 
-    def _blocked(self, ruling: Ruling) -> HttpResponseBase:
-        block = ruling.block
-        response = HttpResponse(block.body, status=block.status)
-        for name, value in ruling.headers.items():
-            response[name] = value
+    def _blocked(self, ruling: Ruling | None) -> HttpResponseBase | None:
+        """The response a blocking ruling asks for; None when nothing blocks or the rule's
+        response cannot be built (then the request goes on as if no rule matched)."""
+        if ruling is None or ruling.block is None:
+            return None
+        try:
+            response = HttpResponse(ruling.block.body, status=ruling.block.status)
+            for name, value in ruling.headers.items():
+                response[name] = value
+        except Exception:
+            self._capture_failed()
+            return None
         return response
 
     def _facts(self, request: HttpRequest, needs: frozenset[str],
@@ -360,6 +371,11 @@ def _response_headers(response: HttpResponseBase) -> tuple[tuple[str, str], ...]
     if isinstance(store, dict):
         return tuple(store.values())
     return tuple((str(name), str(value)) for name, value in response.items())
+
+
+def _either(blocked: HttpResponseBase | None, response: HttpResponseBase) -> HttpResponseBase:
+    """The block response of a rule on the status, if one blocks, else the view's response."""
+    return blocked if blocked is not None else response
 
 
 async def _resolved_user(request: HttpRequest) -> Any:

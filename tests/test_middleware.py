@@ -35,6 +35,7 @@ from moesif_fast import ringfile  # noqa: E402
 from moesif_fast.event import EventBuilder  # noqa: E402
 from moesif_fast.ringbuffer import Geometry, Reader, RingFile  # noqa: E402
 from moesif_fast.settings import MoesifOptions  # noqa: E402
+from moesif_fast.snapshot import Snapshot, publish  # noqa: E402
 
 BASE_OPTIONS = {"APPLICATION_ID": "app-id", "BASE_URI": "http://127.0.0.1:9"}
 
@@ -57,8 +58,16 @@ async def async_echo(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"async": True, "path": request.path})
 
 
+VIEW_CALLS: list[str] = []
+
+
+def counted(request: HttpRequest) -> HttpResponse:
+    VIEW_CALLS.append(request.path)
+    return JsonResponse({"missing": True}, status=404)
+
+
 urlpatterns = [path("echo", echo), path("upload", upload_size), path("stream", stream),
-               path("async", async_echo)]
+               path("async", async_echo), path("counted", counted)]
 
 
 def send(method: str, url: str, options: dict[str, object] | None = None,
@@ -178,3 +187,39 @@ def test_async_view_is_captured_without_a_thread_hop(ring: Reader) -> None:
     assert call.uri == "http://testserver/async?q=1"
     assert ("HTTP_X_TRACE", "t") in call.request_headers
     assert call.transaction_id == response["x-moesif-transaction-id"]
+
+
+def rule(rule_id: str, path: str, value: str, status: int, headers: dict[str, str]) -> dict:
+    return {"_id": rule_id, "type": "regex", "block": True,
+            "regex_config": [{"conditions": [{"path": path, "value": value}]}],
+            "response": {"status": status, "headers": headers, "body": {"rule": rule_id}}}
+
+
+def publish_rules(reader: Reader, rules: list[dict]) -> None:
+    """What the shipper publishes after fetching /v1/rules."""
+    publish(ringfile.policy_snapshot_path(reader.ring.path),
+            Snapshot({"sample_rate": 100}, rules, "etag", "tag", 1))
+
+
+def test_a_rule_on_the_route_blocks_before_the_view_runs(ring: Reader) -> None:
+    publish_rules(ring, [rule("before", "request.route", "/counted", 429, {"Retry-After": "9"})])
+    VIEW_CALLS.clear()
+    response = send("get", "/counted")
+    assert VIEW_CALLS == []  # no side effects
+    assert (response.status_code, response.json()) == (429, {"rule": "before"})
+    assert (response["Retry-After"], response["Content-Type"]) == ("9", "application/json")
+    [call] = captured(ring)
+    assert (call.status, call.blocked_by, call.response_body) == (429, "before",
+                                                                   b'{"rule": "before"}')
+
+
+def test_a_rule_on_the_status_replaces_the_response_after_the_view(ring: Reader) -> None:
+    publish_rules(ring, [rule("after", "response.status", "404", 451, {"X-Rule": "after"})])
+    VIEW_CALLS.clear()
+    response = send("get", "/counted")
+    assert VIEW_CALLS == ["/counted"]
+    assert (response.status_code, response["X-Rule"], response.json()) == (
+        451, "after", {"rule": "after"})
+    [call] = captured(ring)
+    assert (call.status, call.blocked_by) == (451, "after")
+
