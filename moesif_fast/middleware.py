@@ -12,6 +12,7 @@ Drop-in for moesifdjango: `moesif_fast.middleware.moesif_middleware` is this cla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -374,8 +375,13 @@ def _response_headers(response: HttpResponseBase) -> tuple[tuple[str, str], ...]
 
 
 def _either(blocked: HttpResponseBase | None, response: HttpResponseBase) -> HttpResponseBase:
-    """The block response of a rule on the status, if one blocks, else the view's response."""
-    return blocked if blocked is not None else response
+    """The block response of a rule on the status, if one blocks (the view's response is then
+    closed, releasing its files and generators), else the view's response."""
+    if blocked is None:
+        return response
+    with contextlib.suppress(Exception):  # the app's own close() failing must not undo it
+        response.close()
+    return blocked
 
 
 async def _resolved_user(request: HttpRequest) -> Any:

@@ -3,7 +3,8 @@
 A daemon thread of the shipper fetches both at start, again every REFRESH_INTERVAL (so a new
 config arrives even when nothing is delivered: W17), and as soon as a batch response carries an
 `X-Moesif-Config-ETag` or `X-Moesif-Rules-Tag` different from the published one. A failed fetch
-(401, 404, timeout...) keeps the last good snapshot; with none, workers keep the defaults.
+(401, 404, timeout...) keeps the last good copy of that part; with none, workers keep the
+defaults.
 """
 
 from __future__ import annotations
@@ -50,18 +51,28 @@ class PolicyRefresher:
             self._wake.clear()
 
     def _refresh(self) -> None:
+        """Fetch both; publish what arrived, keeping the last good copy of what did not (a
+        collector without /v1/rules must not hold back config changes)."""
         give_up_at = time.monotonic() + FETCH_TIMEOUT
         config_outcome, config = self.transport.get_json("/v1/config", stop=self._stop,
                                                          give_up_at=give_up_at)
         rules_outcome, rules = self.transport.get_json("/v1/rules", stop=self._stop,
                                                        give_up_at=give_up_at)
-        if not (config_outcome.delivered and rules_outcome.delivered):
-            failed = config_outcome if not config_outcome.delivered else rules_outcome
-            logger.warning("moesif_fast shipper: could not fetch config/rules (%s); keeping the "
-                           "%s", failed.error, "last snapshot" if self.fetched_ns else "defaults")
+        previous = read(self.snapshot_path)
+        for name, outcome in (("config", config_outcome), ("rules", rules_outcome)):
+            if not outcome.delivered:
+                logger.warning("moesif_fast shipper: could not fetch %s (%s); keeping the %s",
+                               name, outcome.error, "last copy" if previous else "defaults")
+        if not (config_outcome.delivered or rules_outcome.delivered):
             return
-        self.config_etag = config_outcome.config_etag
-        self.rules_tag = rules_outcome.rules_tag
+        if config_outcome.delivered:
+            self.config_etag = config_outcome.config_etag
+        else:
+            config = previous.config if previous else None
+        if rules_outcome.delivered:
+            self.rules_tag = rules_outcome.rules_tag
+        else:
+            rules = previous.rules if previous else None
         self.fetched_ns = time.time_ns()
         publish(self.snapshot_path, Snapshot(config, rules, self.config_etag, self.rules_tag,
                                              self.fetched_ns))
