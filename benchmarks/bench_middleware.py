@@ -25,8 +25,10 @@ django.setup()
 from django.http import HttpRequest, HttpResponse, JsonResponse  # noqa: E402
 from django.test import RequestFactory  # noqa: E402
 
+from moesif_fast import ringfile  # noqa: E402
 from moesif_fast.middleware import MoesifMiddleware  # noqa: E402
 from moesif_fast.ringbuffer import Reader  # noqa: E402
+from moesif_fast.snapshot import Snapshot, publish  # noqa: E402
 
 ROUNDS = 20_000
 REQUEST_JSON = json.dumps({"user": "ada", "items": [{"id": n, "name": f"item {n}"}
@@ -68,6 +70,19 @@ def test_moesif_fast(benchmark, ring_reader: Reader) -> None:
     assert response.status_code == 200 and response["x-moesif-transaction-id"]
     assert middleware.capture_errors == 0
     assert ring_reader.ring.stats().dropped == 0
+
+
+def test_moesif_fast_sampled_out(benchmark, ring_reader: Reader) -> None:
+    """A request the published config samples out (sample_rate 0): what it still costs."""
+    path = ringfile.policy_snapshot_path(ring_reader.ring.path)
+    publish(path, Snapshot({"sample_rate": 0}, [], "etag", "tag", 1))
+    try:
+        middleware = MoesifMiddleware(view)
+        response = benchmark.pedantic(middleware, setup=drained(ring_reader), rounds=ROUNDS)
+    finally:
+        os.unlink(path)
+    assert response.status_code == 200 and response["x-moesif-transaction-id"]
+    assert ring_reader.ring.stats().appended == 0 or middleware.capture_errors == 0
 
 
 def test_moesifdjango_2_3_13(benchmark, collector_url: str) -> None:

@@ -88,8 +88,9 @@ class MoesifMiddleware:
             return self._acall(request)
         if self._sink is None:
             return self.get_response(request)
-        started = self.start(request)
         policy = self._sink.policy()
+        sampled = _sample_early(policy)
+        started = self.start(request, read_body=sampled is not False)
         ruling = self._govern(request, policy, None, None) if policy.governs() else None
         blocked = self._blocked(ruling)
         if blocked is not None:
@@ -99,7 +100,7 @@ class MoesifMiddleware:
             if policy.governs():
                 ruling = self._govern_after(request, response, policy, ruling, None)
                 response = _either(self._blocked(ruling), response)
-        self.finish(request, response, started, policy=policy, ruling=ruling)
+        self.finish(request, response, started, policy=policy, ruling=ruling, sampled=sampled)
         return response
 
     async def _acall(self, request: HttpRequest) -> HttpResponseBase:
@@ -108,8 +109,9 @@ class MoesifMiddleware:
         The user comes from auser(), as evaluating request.user would query synchronously."""
         if self._sink is None:
             return await self.get_response(request)
-        started = self.start(request)
         policy = self._sink.policy()
+        sampled = _sample_early(policy)
+        started = self.start(request, read_body=sampled is not False)
         user = await _resolved_user(request)
         ruling = None
         if policy.governs():
@@ -124,7 +126,7 @@ class MoesifMiddleware:
                                                     policy, ruling, user)
                 response = _either(self._blocked(ruling), response)
         await self._in_sync_thread(self.finish, request, response, started, user,
-                                   policy=policy, ruling=ruling)
+                                   policy=policy, ruling=ruling, sampled=sampled)
         return response
 
     async def _in_sync_thread(self, function: Callable[..., Any], *args: Any,
@@ -133,19 +135,23 @@ class MoesifMiddleware:
             return await sync_to_async(function, thread_sensitive=True)(*args, **kwargs)
         return function(*args, **kwargs)
 
-    def start(self, request: HttpRequest) -> tuple[int, bytes | int | None]:
+    def start(self, request: HttpRequest, read_body: bool = True
+              ) -> tuple[int, bytes | int | None]:
         """Before the view: the request time and (LOG_BODY) the body, read so that the view
         can still read it."""
-        return _time_ns(), self._request_body(request) if self.options.LOG_BODY else None
+        body = self._request_body(request) if read_body and self.options.LOG_BODY else None
+        return _time_ns(), body
 
     def finish(self, request: HttpRequest, response: HttpResponseBase,
                started: tuple[int, bytes | int | None], user: Any = None, *,
-               policy: Policy | None = None, ruling: Ruling | None = None) -> None:
-        """After the view: capture the call. Never raises."""
+               policy: Policy | None = None, ruling: Ruling | None = None,
+               sampled: bool | None = None) -> None:
+        """After the view: capture the call (`sampled`: the sampling decision if it was taken
+        before the view, see _sample_early). Never raises."""
         try:
             blocked_by = ruling.block.rule_id if ruling and ruling.block else None
             self._capture(request, response, *started, user,
-                          policy or self._sink.policy(), blocked_by)
+                          policy or self._sink.policy(), blocked_by, sampled)
         except Exception:
             self._capture_failed()
 
@@ -242,9 +248,11 @@ class MoesifMiddleware:
 
     def _capture(self, request: HttpRequest, response: HttpResponseBase, request_time: int,
                  request_body: bytes | int | None, user: Any, policy: Policy,
-                 blocked_by: str | None) -> None:
+                 blocked_by: str | None, sampled: bool | None) -> None:
         """Record the call, if SKIP and sampling let it through. `user`: request.user as
         resolved under ASGI (see _acall)."""
+        if sampled is False:
+            return  # sampled out before the view: no event, so no transaction id to name it
         response_time = _time_ns()
         options = self.options
         if options.SKIP and self._callback(options.SKIP, request, response):
@@ -259,7 +267,7 @@ class MoesifMiddleware:
         needs = policy.sampling_needs()
         rate = policy.sample_rate(self._facts(request, needs, response, user)) if needs \
             else policy.global_sample_rate
-        if rate < 100 and not Policy.keep(rate, _random()):
+        if sampled is None and rate < 100 and not Policy.keep(rate, _random()):
             return  # sampled out: decided before any capture work
         # Exactly the keys that start with "HTTP_" ("`" follows "_"): a range test is the
         # cheapest exact prefix test, and wsgiref servers also put os.environ in META.
@@ -372,6 +380,16 @@ def _response_headers(response: HttpResponseBase) -> tuple[tuple[str, str], ...]
     if isinstance(store, dict):
         return tuple(store.values())
     return tuple((str(name), str(value)) for name, value in response.items())
+
+
+def _sample_early(policy: Policy) -> bool | None:
+    """The sampling decision, when the policy can take it before the view (it has only a
+    global rate): a sampled-out request then costs no body read and no capture work. None when
+    it depends on the user, company, status... (decided after the view)."""
+    if policy.sampling_needs():
+        return None
+    rate = policy.global_sample_rate
+    return rate >= 100 or Policy.keep(rate, _random())
 
 
 def _either(blocked: HttpResponseBase | None, response: HttpResponseBase) -> HttpResponseBase:

@@ -145,11 +145,18 @@ def _is_body(value: object) -> bool:
 def _header_pairs(value: object) -> tuple[tuple[str, str], ...] | None:
     """Request headers with string values, as the reference flattens them (None → "", other
     values → JSON), or None when they are not (name, value) pairs. A WSGI server or an earlier
-    middleware may put non-string values in META; the worker copies them as they are."""
-    if type(value) is not tuple or not all(
-            type(pair) is tuple and len(pair) == 2 and type(pair[0]) is str for pair in value):
+    middleware may put non-string values in META; the worker copies them as they are.
+    (Checked with C-level map/set: this runs for every record in the shipper.)"""
+    if type(value) is not tuple:
         return None
-    if all(type(pair[1]) is str for pair in value):
+    if not value:
+        return value
+    if set(map(type, value)) != {tuple} or set(map(len, value)) != {2}:
+        return None
+    names, values = zip(*value, strict=True)
+    if set(map(type, names)) != {str}:
+        return None
+    if set(map(type, values)) == {str}:
         return value
     return tuple((name, _flat(header)) for name, header in value)
 
@@ -166,7 +173,4 @@ def _flat(value: object) -> str:
 
 
 def _is_pairs(value: object) -> bool:
-    return type(value) is tuple and all(
-        type(pair) is tuple and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is str
-        for pair in value
-    )
+    return type(value) is tuple and (not value or _header_pairs(value) is value)

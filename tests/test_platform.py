@@ -277,7 +277,7 @@ def test_sample_rate_30_under_gunicorn_delivers_about_30_percent_with_weight_3(
     wait_for_published(ring_of(workspace), collector.url)
 
     exchanges = send_requests(server.url, 1500, threads=6, label="s30")
-    assert_answered_normally(exchanges)
+    assert_answered_normally(exchanges, sampled=True)
     assert server.stop() == 0
 
     events = collector.events()
@@ -285,6 +285,9 @@ def test_sample_rate_30_under_gunicorn_delivers_about_30_percent_with_weight_3(
     delivered = [request_id_of(event) for event in events]
     assert len(set(delivered)) == len(delivered), "an event was delivered twice"
     assert set(delivered) <= sent
+    with_header = {exchange.request_id for exchange in exchanges
+                   if exchange.response.headers.get("x-moesif-transaction-id")}
+    assert with_header == set(delivered), "exactly the kept requests carry a transaction id"
     fraction = len(delivered) / len(exchanges)
     assert 0.25 <= fraction <= 0.35, f"{len(delivered)} of {len(exchanges)} delivered"
     assert {event["weight"] for event in events} == {3}
@@ -292,9 +295,10 @@ def test_sample_rate_30_under_gunicorn_delivers_about_30_percent_with_weight_3(
 
 def test_seeded_sampling_keeps_exactly_the_replayed_draws(
         start_pipeline: Callable[..., Pipeline]) -> None:
-    """Per request the middleware draws random.getrandbits(128) for the transaction id, then
-    random.random() for sampling (nothing else in the request path uses `random`), so one
-    seed gives one exact kept set."""
+    """Per request the middleware draws random.random() for sampling (a global rate is
+    decided before the view), then, for a kept request only, random.getrandbits(128) for the
+    transaction id (nothing else in the request path uses `random`), so one seed gives one
+    exact kept set; sampled-out requests get no transaction id (there is no event)."""
     pipeline = start_pipeline(config={"sample_rate": 30})
     pipeline.wait_for_policy()
     seed, count = 20240517, 600
@@ -302,15 +306,15 @@ def test_seeded_sampling_keeps_exactly_the_replayed_draws(
     random.seed(seed)
     replayed = []
     for _ in range(count):
-        transaction_id = new_transaction_id()
-        replayed.append((transaction_id, Policy.keep(30, random.random())))
+        keep = Policy.keep(30, random.random())
+        replayed.append((new_transaction_id() if keep else None, keep))
 
     random.seed(seed)
     with pipeline.client() as client:
         answered = [client.get(f"/plain?n={number}") for number in range(count)]
 
     assert [response.status_code for response in answered] == [200] * count
-    assert [response["x-moesif-transaction-id"] for response in answered] == \
+    assert [response.get("x-moesif-transaction-id") for response in answered] == \
         [transaction_id for transaction_id, _ in replayed]
     kept = {transaction_id for transaction_id, keep in replayed if keep}
     assert 0.2 * count < len(kept) < 0.4 * count
@@ -429,7 +433,7 @@ def test_a_new_config_etag_reaches_the_workers_after_the_next_batch(
     finally:
         load.stop()
     exchanges = load.finish()
-    assert_answered_normally(exchanges)
+    assert_answered_normally(exchanges, sampled=True)
     assert server.stop() == 0
 
     delivered = collector.events_by_request_id()
