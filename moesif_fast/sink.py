@@ -57,7 +57,6 @@ class EventSink:
         self._next_shipper_check = 0.0
         self._started_shipper: subprocess.Popen[bytes] | None = None
         self._policy_source: PolicySource | None = None
-        self.unrecorded_drops = 0  # records lost before any ring was attached
 
     def policy(self) -> Policy:
         """The sampling and governance policy the shipper published for this ring (the
@@ -79,8 +78,7 @@ class EventSink:
         """Append one record; False when it was dropped (the ring or this sink counted it)."""
         producer = self._producer or self._attach()
         if producer is None:
-            self.unrecorded_drops += 1
-            return False
+            return False  # no ring: _attach logged why, and retries every few seconds
         written = producer.append(payload)
         if self._fallback_settings and time.monotonic() >= self._next_shipper_check:
             self._ensure_shipper(producer.ring)
