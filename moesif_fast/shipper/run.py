@@ -39,8 +39,14 @@ def load_options(settings_module: str | None) -> MoesifOptions | None:
     if settings_module:
         os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
     import django
+    from django.core.exceptions import ImproperlyConfigured
 
-    django.setup()
+    try:
+        django.setup()
+    except (ImportError, ImproperlyConfigured) as error:
+        logger.error("moesif_fast shipper: cannot load the Django settings %r: %s",
+                     os.environ.get("DJANGO_SETTINGS_MODULE"), error)
+        return None
     options, problems = configured()
     for problem in problems:
         logger.log(logging.ERROR if problem.is_serious() else logging.WARNING,
