@@ -55,3 +55,8 @@ def shipper_stats_path(path: str) -> str:
 def policy_snapshot_path(path: str) -> str:
     """Where the shipper of the ring at `path` publishes the collector's config and rules."""
     return path + ".policy.json"
+
+
+def shipper_log_path(path: str) -> str:
+    """Where a shipper that a worker started (fallback mode) writes its log."""
+    return path + ".shipper.log"

@@ -75,7 +75,8 @@ class EventSink:
         return producer.ring.geometry.max_record if producer else 0
 
     def append(self, payload: bytes) -> bool:
-        """Append one record; False when it was dropped (the ring or this sink counted it)."""
+        """Append one record; False when it was dropped (counted by the ring, or, with no ring
+        attached, logged by _attach)."""
         producer = self._producer or self._attach()
         if producer is None:
             return False  # no ring: _attach logged why, and retries every few seconds
@@ -125,7 +126,7 @@ class EventSink:
                    "--settings", self._fallback_settings or "",
                    "--idle-exit", str(SHIPPER_IDLE_EXIT)]
         try:
-            with open(ring.path + ".shipper.log", "ab") as log:  # not the app's stdout/stderr:
+            with open(ringfile.shipper_log_path(ring.path), "ab") as log:  # not the app's pipes:
                 self._started_shipper = subprocess.Popen(  # a caller may be reading those
                     command, env=environment, stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)

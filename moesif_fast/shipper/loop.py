@@ -119,20 +119,16 @@ class Shipper:
                 return self._give_up(open_batch)
             if self._in_flight < IN_FLIGHT:
                 size = self.options.BATCH_SIZE
-                open_batch = self.reader.read(size - len(open_batch or ()),
-                                              MAX_BATCH_BYTES - (open_batch.nbytes if open_batch
-                                                                 else 0),
-                                              into=open_batch)
-                if not open_batch.records:
-                    open_batch = None
-                elif len(open_batch) == len(open_batch.records) and not opened_at:
-                    opened_at = now
-                if open_batch is not None and (
-                        len(open_batch) >= size or open_batch.nbytes >= MAX_BATCH_BYTES
-                        or now - opened_at >= LINGER or finish_by is not None):
-                    self._dispatch(open_batch)
-                    open_batch, opened_at = None, 0.0
-                    continue
+                held, held_bytes = (len(open_batch), open_batch.nbytes) if open_batch else (0, 0)
+                batch = self.reader.read(size - held, MAX_BATCH_BYTES - held_bytes,
+                                         into=open_batch)
+                if batch.records:
+                    open_batch, opened_at = batch, opened_at or now
+                    if (len(batch) >= size or batch.nbytes >= MAX_BATCH_BYTES
+                            or now - opened_at >= LINGER or finish_by is not None):
+                        self._dispatch(batch)
+                        open_batch, opened_at = None, 0.0
+                        continue
             else:
                 self.reader.heartbeat()
             if finish_by is not None and open_batch is None and self._in_flight == 0 \
