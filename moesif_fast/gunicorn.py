@@ -20,12 +20,14 @@ Workers need no hook: the middleware attaches to the ring on its first event.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import ringfile
@@ -43,8 +45,25 @@ class _State:
     deadline: float = 0.0
 
 
+def _never_raises(hook: Callable[..., None]) -> Callable[..., None]:
+    """A hook that logs its own failure instead of stopping gunicorn: analytics must never
+    keep a server from starting, forking workers or shutting down."""
+
+    @functools.wraps(hook)
+    def guarded(server: Any, *args: Any) -> None:
+        try:
+            hook(server, *args)
+        except Exception:
+            server.log.exception("moesif_fast: the %s hook failed; the server goes on",
+                                 hook.__name__)
+
+    return guarded
+
+
+@_never_raises
 def when_ready(server: Any) -> None:
-    settings_module = os.environ.get(SETTINGS_ENV) or settings_module_of(server.app.app_uri)
+    settings_module = os.environ.get(SETTINGS_ENV) or settings_module_of(
+        getattr(server.app, "app_uri", None) or "")
     if not settings_module:
         server.log.error("moesif_fast: cannot tell the Django settings module (set %s); "
                          "events go through the middleware's fallback shipper", SETTINGS_ENV)
@@ -70,12 +89,14 @@ def when_ready(server: Any) -> None:
                     geometry.file_size >> 20, _State.supervisor.pid)
 
 
+@_never_raises
 def pre_fork(server: Any, worker: Any) -> None:
     if _State.supervisor is not None and not _alive(_State.supervisor.pid):
         server.log.warning("moesif_fast: the shipper supervisor is gone; starting it again")
         _start_supervisor(server)
 
 
+@_never_raises
 def on_exit(server: Any) -> None:
     supervisor = _State.supervisor
     if supervisor is None:
