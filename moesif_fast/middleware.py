@@ -321,13 +321,7 @@ class MoesifMiddleware:
         return f"{scheme}://{host}{request.get_full_path()}"
 
     def _callback(self, callback: Callable[..., Any], *args: object) -> Any:
-        try:
-            return callback(*args)
-        except Exception:
-            if self.options.LOCAL_DEBUG:
-                logger.warning("moesif_fast: %s raised; its value is left out of the event",
-                               getattr(callback, "__qualname__", callback), exc_info=True)
-            return None
+        return settings.call_user_function(self.options, callback, *args)
 
     def _user_id(self, request: HttpRequest, response: HttpResponseBase, user: Any) -> Any:
         if self.options.IDENTIFY_USER is not None:

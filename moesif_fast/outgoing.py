@@ -55,7 +55,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from .record import Body, encode_call_safely
-from .settings import MoesifOptions
+from .settings import MoesifOptions, call_user_function
 from .sink import EventSink
 
 logger = logging.getLogger("moesif_fast")
@@ -198,13 +198,7 @@ class _OutgoingCapture:
                         "queued" if written else "DROPPED (ring full)")
 
     def _callback(self, callback: Callable[..., Any], *args: object) -> Any:
-        try:
-            return callback(*args)
-        except Exception:
-            if self.options.LOCAL_DEBUG:
-                logger.warning("moesif_fast: %s raised; its value is left out of the event",
-                               getattr(callback, "__qualname__", callback), exc_info=True)
-            return None
+        return call_user_function(self.options, callback, *args)
 
     def _failed(self) -> None:
         self.errors += 1

@@ -9,6 +9,7 @@ middleware with an invalid configuration passes requests through untouched.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -102,6 +103,20 @@ _MASK_LISTS = {"REQUEST_HEADER_MASKS", "RESPONSE_HEADER_MASKS", "REQUEST_BODY_MA
                "RESPONSE_BODY_MASKS"}
 _STRINGS = {"APPLICATION_ID", "BASE_URI", "LOCAL_MOESIF_BASEURL", "API_VERSION",
             "AUTHORIZATION_HEADER_NAME", "AUTHORIZATION_USER_ID_FIELD", "RING_DIR"}
+
+
+def call_user_function(options: MoesifOptions, function: Callable[..., Any],
+                       *args: object) -> Any:
+    """Call a user callback (SKIP, IDENTIFY_USER, ...): its exception gives None, logged only
+    with LOCAL_DEBUG, and never reaches the application."""
+    try:
+        return function(*args)
+    except Exception:
+        if options.LOCAL_DEBUG:
+            logging.getLogger("moesif_fast").warning(
+                "moesif_fast: %s raised; its value is left out of the event",
+                getattr(function, "__qualname__", function), exc_info=True)
+        return None
 
 
 def problems(raw: object) -> list[checks.CheckMessage]:
