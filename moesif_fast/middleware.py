@@ -203,10 +203,8 @@ class MoesifMiddleware:
         """What the policy needs to know of this request; facts it does not need are left
         empty, so an uninterested policy costs nothing."""
         meta = request.META
-        wire = self._builder.wire_headers(
-            (key, value) for key, value in meta.items()
-            if "HTTP_" <= key < "HTTP`" or key in ("CONTENT_TYPE", "CONTENT_LENGTH")
-        ) if needs & {"headers", "ip_address", "user_id"} else {}
+        wire = self._builder.wire_headers(_meta_headers(meta)) \
+            if needs & {"headers", "ip_address", "user_id"} else {}
         user_id = None
         if "user_id" in needs:
             user_id = (self._user_id(request, response, user)
@@ -265,17 +263,16 @@ class MoesifMiddleware:
                 transaction_id = new_transaction_id()
             response[TRANSACTION_HEADER] = transaction_id
         needs = policy.sampling_needs()
-        rate = policy.sample_rate(self._facts(request, needs, response, user)) if needs \
-            else policy.global_sample_rate
+        facts = self._facts(request, needs, response, user) if needs else None
+        rate = policy.sample_rate(facts) if facts is not None else policy.global_sample_rate
         if sampled is None and rate < 100 and not Policy.keep(rate, _random()):
             return  # sampled out: decided before any capture work
-        # Exactly the keys that start with "HTTP_" ("`" follows "_"): a range test is the
-        # cheapest exact prefix test, and wsgiref servers also put os.environ in META.
-        request_headers = [(key, value) for key, value in meta.items()
-                           if "HTTP_" <= key < "HTTP`"]
-        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            if key in meta:
-                request_headers.append((key, meta[key]))
+        # Ids sampling already needed are reused: a user callback runs once per request.
+        user_id = facts.user_id if facts is not None and "user_id" in needs \
+            else self._user_id(request, response, user)
+        company_id = facts.company_id if facts is not None and "company_id" in needs \
+            else options.IDENTIFY_COMPANY and self._callback(options.IDENTIFY_COMPANY,
+                                                             request, response)
         response_body = None  # none for HEAD either: no body goes out on the wire (W22)
         if options.LOG_BODY and isinstance(response, HttpResponse) and request.method != "HEAD":
             content = response.content
@@ -284,12 +281,9 @@ class MoesifMiddleware:
                     else len(content)
         fields = (
             "Incoming", request_time, response_time, request.method or "", self._uri(request),
-            tuple(request_headers), meta.get("REMOTE_ADDR"), request_body,
+            tuple(_meta_headers(meta)), meta.get("REMOTE_ADDR"), request_body,
             response.status_code, _response_headers(response), response_body, transaction_id,
-            self._user_id(request, response, user),
-            options.IDENTIFY_COMPANY and self._callback(options.IDENTIFY_COMPANY, request,
-                                                         response),
-            self._session_token(request, response),
+            user_id, company_id, self._session_token(request, response),
             options.GET_METADATA and self._callback(options.GET_METADATA, request, response),
             Policy.weight(rate), blocked_by,
         )
@@ -374,6 +368,17 @@ def _response_headers(response: HttpResponseBase) -> tuple[tuple[str, str], ...]
     if isinstance(store, dict):
         return tuple(store.values())
     return tuple((str(name), str(value)) for name, value in response.items())
+
+
+def _meta_headers(meta: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The request headers in META: exactly the keys that start with "HTTP_" ("`" follows
+    "_": a range test is the cheapest exact prefix test, and wsgiref servers also put
+    os.environ in META), then CONTENT_TYPE and CONTENT_LENGTH."""
+    headers = [(key, value) for key, value in meta.items() if "HTTP_" <= key < "HTTP`"]
+    for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if key in meta:
+            headers.append((key, meta[key]))
+    return headers
 
 
 def _sample_early(policy: Policy) -> bool | None:

@@ -223,3 +223,18 @@ def test_a_rule_on_the_status_replaces_the_response_after_the_view(ring: Reader)
     [call] = captured(ring)
     assert (call.status, call.blocked_by) == (451, "after")
 
+
+
+def test_user_callbacks_run_once_when_sampling_needs_the_user(ring: Reader) -> None:
+    publish(ringfile.policy_snapshot_path(ring.ring.path),
+            Snapshot({"sample_rate": 100, "user_sample_rate": {"ada": 100}}, [], "e", "t", 1))
+    calls: list[str] = []
+
+    def identify(request: HttpRequest, response: HttpResponse) -> str:
+        calls.append(request.path)
+        return "ada"
+
+    send("get", "/echo", {"IDENTIFY_USER": identify})
+    [call] = captured(ring)
+    assert calls == ["/echo"]
+    assert (call.user_id, call.weight) == ("ada", 1)

@@ -116,7 +116,7 @@ class Shipper:
                 logger.info("moesif_fast shipper: finishing; delivering what is left within "
                             "%.0f s", finish_deadline)
             if finish_by is not None and now >= finish_by:
-                return self._give_up(open_batch)
+                return self._give_up()
             if self._in_flight < IN_FLIGHT:
                 size = self.options.BATCH_SIZE
                 held, held_bytes = (len(open_batch), open_batch.nbytes) if open_batch else (0, 0)
@@ -223,7 +223,9 @@ class Shipper:
             if not progress.keep:
                 self.reader.commit(request.batch)
 
-    def _give_up(self, open_batch: Batch | None) -> bool:
+    def _give_up(self) -> bool:
+        """Deadline passed: stop retrying; whatever is not committed (an open batch too)
+        stays in the ring for the next shipper."""
         self.stop_sending.set()
         self.refresher.stop()
         deadline = time.monotonic() + 2.0
