@@ -51,10 +51,22 @@ def make_request() -> tuple[tuple[HttpRequest], dict[str, object]]:
     return (request,), {}
 
 
+DRAIN_EVERY = 500  # rounds; the ring's lanes hold well over that many of these records
+
+
 def drained(reader: Reader) -> Callable[[], tuple[tuple[HttpRequest], dict[str, object]]]:
+    """The rounds' setup: a new request, and every DRAIN_EVERY rounds the ring drained (by
+    the shipper's own code, outside the timed region). Not before every round: the shipper
+    drains in a process of its own, and draining in this thread before every call was
+    measured to charge the middleware 5 to 6 µs for the drain's effect on the CPU's caches."""
+    rounds = 0
+
     def setup() -> tuple[tuple[HttpRequest], dict[str, object]]:
-        while len(batch := reader.read(10_000, 1 << 30)):
-            reader.commit(batch)
+        nonlocal rounds
+        if rounds % DRAIN_EVERY == 0:
+            while len(batch := reader.read(10_000, 1 << 30)):
+                reader.commit(batch)
+        rounds += 1
         return make_request()
     return setup
 
@@ -68,21 +80,21 @@ def test_moesif_fast(benchmark, ring_reader: Reader) -> None:
     middleware = MoesifMiddleware(view)
     response = benchmark.pedantic(middleware, setup=drained(ring_reader), rounds=ROUNDS)
     assert response.status_code == 200 and response["x-moesif-transaction-id"]
-    assert middleware.capture_errors == 0
-    assert ring_reader.ring.stats().dropped == 0
+    assert middleware.capture_errors == 0 and ring_reader.ring.stats().dropped == 0
 
 
 def test_moesif_fast_sampled_out(benchmark, ring_reader: Reader) -> None:
     """A request the published config samples out (sample_rate 0): what it still costs."""
     path = ringfile.policy_snapshot_path(ring_reader.ring.path)
     publish(path, Snapshot({"sample_rate": 0}, [], "etag", "tag", 1))
+    appended = ring_reader.ring.stats().appended
     try:
         middleware = MoesifMiddleware(view)
         response = benchmark.pedantic(middleware, setup=drained(ring_reader), rounds=ROUNDS)
     finally:
         os.unlink(path)
-    assert response.status_code == 200 and response["x-moesif-transaction-id"]
-    assert ring_reader.ring.stats().appended == 0 or middleware.capture_errors == 0
+    assert response.status_code == 200 and "x-moesif-transaction-id" not in response
+    assert middleware.capture_errors == 0 and ring_reader.ring.stats().appended == appended
 
 
 def test_moesifdjango_2_3_13(benchmark, collector_url: str) -> None:

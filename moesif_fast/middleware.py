@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import marshal
+import operator
 import random
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,8 +30,8 @@ from django.utils.functional import SimpleLazyObject
 
 from . import entities, outgoing, settings
 from .event import EventBuilder
-from .policy import Policy, RequestFacts, Ruling
-from .record import encode_call_safely
+from .policy import FULL_RATE, Policy, RequestFacts, Ruling
+from .record import CALL_V1, encode_call_safely
 from .sink import EventSink
 
 logger = logging.getLogger("moesif_fast")
@@ -36,8 +39,15 @@ logger = logging.getLogger("moesif_fast")
 TRANSACTION_HEADER_META = "HTTP_X_MOESIF_TRANSACTION_ID"
 TRANSACTION_HEADER = "x-moesif-transaction-id"  # the reference's (lower-case) response header
 MAX_CLIENT_TRANSACTION_ID = 200  # longer client-supplied ids are replaced by a fresh one
+MAX_HEADER_KEY_SETS = 256  # distinct META key sets whose header names are remembered
 ERROR_LOG_INTERVAL = 60.0  # seconds between two logged capture errors in one process
 
+# The characters django.utils.encoding's escape_uri_path (path) and iri_to_uri (query) never
+# quote: urllib's always-safe set plus the `safe` argument each passes to quote().
+_is_plain_path = re.compile(r"[A-Za-z0-9_.~/:@&+$,!*'()-]*").fullmatch
+_is_plain_query = re.compile(r"[A-Za-z0-9_.~/#%\[\]=:;$&()+,!?*@'-]*").fullmatch
+_header_getters: dict[tuple[str, ...], tuple[tuple[str, ...],
+                                              Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
 _time_ns = time.time_ns
 _getrandbits = random.getrandbits  # reseeded in each forked child by the random module
 _random = random.random
@@ -91,15 +101,21 @@ class MoesifMiddleware:
         policy = self._sink.policy()
         sampled = _sample_early(policy)
         started = self.start(request, read_body=sampled is not False)
-        ruling = self._govern(request, policy, None, None) if policy.governs() else None
+        if not policy.governs():  # the common case: no governance rules
+            response = self.get_response(request)
+            try:  # finish(), without its general case
+                self._capture(request, response, *started, None, policy, None, sampled)
+            except Exception:
+                self._capture_failed()
+            return response
+        ruling = self._govern(request, policy, None, None)
         blocked = self._blocked(ruling)
         if blocked is not None:
             response = blocked  # the view does not run
         else:
             response = self.get_response(request)
-            if policy.governs():
-                ruling = self._govern_after(request, response, policy, ruling, None)
-                response = _either(self._blocked(ruling), response)
+            ruling = self._govern_after(request, response, policy, ruling, None)
+            response = _either(self._blocked(ruling), response)
         self.finish(request, response, started, policy=policy, ruling=ruling, sampled=sampled)
         return response
 
@@ -259,35 +275,47 @@ class MoesifMiddleware:
         transaction_id = None
         if not options.DISABLE_TRANSACTION_ID:
             transaction_id = meta.get(TRANSACTION_HEADER_META)
-            if not transaction_id or len(transaction_id) > MAX_CLIENT_TRANSACTION_ID:
+            if transaction_id and len(transaction_id) <= MAX_CLIENT_TRANSACTION_ID:
+                response[TRANSACTION_HEADER] = transaction_id  # the client's: Django checks it
+            else:
                 transaction_id = new_transaction_id()
-            response[TRANSACTION_HEADER] = transaction_id
+                _set_plain_header(response, TRANSACTION_HEADER, transaction_id)
         needs = policy.sampling_needs()
-        facts = self._facts(request, needs, response, user) if needs else None
-        rate = policy.sample_rate(facts) if facts is not None else policy.global_sample_rate
-        if sampled is None and rate < 100 and not Policy.keep(rate, _random()):
-            return  # sampled out: decided before any capture work
-        # Ids sampling already needed are reused: a user callback runs once per request.
-        user_id = facts.user_id if facts is not None and "user_id" in needs \
-            else self._user_id(request, response, user)
-        company_id = facts.company_id if facts is not None and "company_id" in needs \
-            else options.IDENTIFY_COMPANY and self._callback(options.IDENTIFY_COMPANY,
-                                                             request, response)
+        if needs:  # the rate depends on the request: decided now, from the facts it reads
+            facts = self._facts(request, needs, response, user)
+            rate = policy.sample_rate(facts)
+            if sampled is None and rate < FULL_RATE and not Policy.keep(rate, _random()):
+                return
+            # Ids sampling already needed are reused: a user callback runs once per request.
+            user_id = facts.user_id if "user_id" in needs \
+                else self._user_id(request, response, user)
+            company_id = facts.company_id if "company_id" in needs \
+                else self._company_id(request, response)
+        else:
+            rate = policy.global_sample_rate
+            if sampled is None and rate < FULL_RATE and not Policy.keep(rate, _random()):
+                return
+            user_id = self._user_id(request, response, user)
+            company_id = self._company_id(request, response)
+        method = request.method or ""
         response_body = None  # none for HEAD either: no body goes out on the wire (W22)
-        if options.LOG_BODY and isinstance(response, HttpResponse) and request.method != "HEAD":
+        if options.LOG_BODY and isinstance(response, HttpResponse) and method != "HEAD":
             content = response.content
             if content:
                 response_body = content if len(content) <= options.MAX_BODY_SIZE \
                     else len(content)
         fields = (
-            "Incoming", request_time, response_time, request.method or "", self._uri(request),
-            tuple(_meta_headers(meta)), meta.get("REMOTE_ADDR"), request_body,
-            response.status_code, _response_headers(response), response_body, transaction_id,
-            user_id, company_id, self._session_token(request, response),
+            "Incoming", request_time, response_time, method, self._uri(request),
+            _meta_headers(meta), meta.get("REMOTE_ADDR"), request_body, response.status_code,
+            _response_headers(response), response_body, transaction_id, user_id, company_id,
+            self._session_token(request, response),
             options.GET_METADATA and self._callback(options.GET_METADATA, request, response),
-            Policy.weight(rate), blocked_by,
+            1 if rate >= FULL_RATE else Policy.weight(rate), blocked_by,
         )
-        payload = encode_call_safely(fields)
+        try:
+            payload = CALL_V1 + marshal.dumps(fields)
+        except ValueError:  # a value marshal refuses, from the WSGI server or a callback
+            payload = encode_call_safely(fields)
         if len(payload) > self._sink.max_record:  # too big for the ring: keep the event,
             fields = fields[:7] + (_size(request_body),) + fields[8:10] + (  # mark the bodies
                 _size(response_body),) + fields[11:]
@@ -312,10 +340,15 @@ class MoesifMiddleware:
             port = str(meta.get("SERVER_PORT", ""))
             if port and port != ("443" if scheme == "https" else "80"):
                 host = f"{host}:{port}"
-        return f"{scheme}://{host}{request.get_full_path()}"
+        return f"{scheme}://{host}{_full_path(request)}"
 
     def _callback(self, callback: Callable[..., Any], *args: object) -> Any:
         return settings.call_user_function(self.options, callback, *args)
+
+    def _company_id(self, request: HttpRequest, response: HttpResponseBase) -> Any:
+        if self.options.IDENTIFY_COMPANY is None:
+            return None
+        return self._callback(self.options.IDENTIFY_COMPANY, request, response)
 
     def _user_id(self, request: HttpRequest, response: HttpResponseBase, user: Any) -> Any:
         if self.options.IDENTIFY_USER is not None:
@@ -370,15 +403,57 @@ def _response_headers(response: HttpResponseBase) -> tuple[tuple[str, str], ...]
     return tuple((str(name), str(value)) for name, value in response.items())
 
 
-def _meta_headers(meta: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The request headers in META: exactly the keys that start with "HTTP_" ("`" follows
-    "_": a range test is the cheapest exact prefix test, and wsgiref servers also put
-    os.environ in META), then CONTENT_TYPE and CONTENT_LENGTH."""
-    headers = [(key, value) for key, value in meta.items() if "HTTP_" <= key < "HTTP`"]
-    for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-        if key in meta:
-            headers.append((key, meta[key]))
-    return headers
+def _full_path(request: HttpRequest) -> str:
+    """request.get_full_path(), without its quoting work when the path and query hold only
+    characters it leaves as they are (nearly always: the path is ASCII and the query arrives
+    percent-encoded)."""
+    path = request.path
+    query = request.META.get("QUERY_STRING")
+    if _is_plain_path(path) and (not query or _is_plain_query(query)):
+        return f"{path}?{query}" if query else path
+    return request.get_full_path()
+
+
+def _set_plain_header(response: HttpResponseBase, lowercase_name: str, value: str) -> None:
+    """`response[lowercase_name] = value` for a name and value known to be plain ASCII (what
+    Django's checks would let through unchanged), written straight into the header store when
+    it has the layout Django uses since 3.2 ({lower name: (name, value)}): a third the cost."""
+    store = getattr(response.headers, "_store", None)
+    if type(store) is dict:
+        store[lowercase_name] = (lowercase_name, value)
+    else:
+        response[lowercase_name] = value
+
+
+def _meta_headers(meta: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The request headers in META: exactly the keys that start with "HTTP_", then
+    CONTENT_TYPE and CONTENT_LENGTH. Which keys those are is worked out once per distinct set
+    of META keys (clients send the same headers request after request), then read with one
+    C-level itemgetter."""
+    keys = tuple(meta)
+    known = _header_getters.get(keys)
+    if known is None:
+        known = _header_getter(keys)
+        if len(_header_getters) >= MAX_HEADER_KEY_SETS:  # many distinct sets: start over
+            _header_getters.clear()
+        _header_getters[keys] = known
+    names, values = known
+    return tuple(zip(names, values(meta), strict=True))
+
+
+def _header_getter(keys: tuple[str, ...]) -> tuple[tuple[str, ...],
+                                                   Callable[[dict[str, Any]], tuple[Any, ...]]]:
+    """The header names among `keys` and a function giving their values as a tuple. "`"
+    follows "_": a range test is the cheapest exact prefix test (wsgiref servers also put
+    os.environ in META)."""
+    names = tuple(key for key in keys if "HTTP_" <= key < "HTTP`") + tuple(
+        key for key in ("CONTENT_TYPE", "CONTENT_LENGTH") if key in keys)
+    if len(names) > 1:
+        return names, operator.itemgetter(*names)
+    if names:
+        name = names[0]
+        return names, lambda meta: (meta[name],)
+    return names, lambda meta: ()
 
 
 def _sample_early(policy: Policy) -> bool | None:

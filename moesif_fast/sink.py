@@ -57,6 +57,9 @@ class EventSink:
         self._next_shipper_check = 0.0
         self._started_shipper: subprocess.Popen[bytes] | None = None
         self._policy_source: PolicySource | None = None
+        self.max_record = 0
+        """The largest record the ring takes (0 until a ring is attached, which `policy()`
+        and `append()` do)."""
 
     def policy(self) -> Policy:
         """The sampling and governance policy the shipper published for this ring (the
@@ -67,12 +70,6 @@ class EventSink:
                 return Policy.DEFAULT
             self._policy_source = PolicySource(ringfile.policy_snapshot_path(producer.ring.path))
         return self._policy_source.current()
-
-    @property
-    def max_record(self) -> int:
-        """The largest record the ring takes (0 while no ring is attached)."""
-        producer = self._producer or self._attach()
-        return producer.ring.geometry.max_record if producer else 0
 
     def append(self, payload: bytes) -> bool:
         """Append one record; False when it was dropped (counted by the ring, or, with no ring
@@ -93,6 +90,7 @@ class EventSink:
                 return self._producer
             try:
                 self._producer = self._shared_producer()
+                self.max_record = self._producer.ring.geometry.max_record
             except (OSError, RingError) as error:
                 self._retry_attach_at = time.monotonic() + ATTACH_RETRY_INTERVAL
                 logger.error("moesif_fast: cannot attach to the event ring (%s); events are "

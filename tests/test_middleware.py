@@ -12,6 +12,7 @@ import datetime
 import decimal
 import json
 import os
+import string
 import uuid
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "moesif_fast.demo.settings")
@@ -26,13 +27,20 @@ from django.http import (  # noqa: E402
     JsonResponse,
     StreamingHttpResponse,
 )
-from django.test import AsyncClient, Client, override_settings  # noqa: E402
+from django.test import AsyncClient, Client, RequestFactory, override_settings  # noqa: E402
 from django.urls import path  # noqa: E402
 from django.views.decorators.csrf import csrf_exempt  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from records import captured  # noqa: E402
 
 from moesif_fast import ringfile  # noqa: E402
 from moesif_fast.event import EventBuilder  # noqa: E402
+from moesif_fast.middleware import (  # noqa: E402
+    MAX_HEADER_KEY_SETS,
+    _full_path,
+    _header_getters,
+)
 from moesif_fast.ringbuffer import Geometry, Reader, RingFile  # noqa: E402
 from moesif_fast.settings import MoesifOptions  # noqa: E402
 from moesif_fast.snapshot import Snapshot, publish  # noqa: E402
@@ -238,3 +246,38 @@ def test_user_callbacks_run_once_when_sampling_needs_the_user(ring: Reader) -> N
     [call] = captured(ring)
     assert calls == ["/echo"]
     assert (call.user_id, call.weight) == ("ada", 1)
+
+
+# Where quoting rules differ: ASCII punctuation and space, among a few other characters.
+URL_TEXT = st.sampled_from(string.punctuation + " aZ0é\x7f\x00☃")
+
+
+@settings(max_examples=500, deadline=None)
+@given(path=st.text(URL_TEXT, max_size=3) | st.text(st.characters(blacklist_categories=("Cs",))),
+       query=st.text(URL_TEXT, max_size=3) | st.text(st.characters(max_codepoint=255)))
+def test_the_captured_path_is_djangos_full_path(path: str, query: str) -> None:
+    """The quoting shortcut in the URI gives exactly what request.get_full_path() gives, for
+    any path text and any (latin-1, as WSGI delivers it) query string."""
+    request = RequestFactory().get("/")
+    for request.path, request.META["QUERY_STRING"] in (("/" + path, ""), ("/", query),
+                                                       ("/" + path, query)):
+        assert _full_path(request) == request.get_full_path()
+
+
+def test_each_request_carries_exactly_its_own_headers(ring: Reader) -> None:
+    """Header names are remembered per set of META keys: requests alternating between header
+    sets, and more distinct sets than are remembered, each carry their own headers only."""
+    header_sets = [{"X-One": "1"}, {"X-One": "1", "X-Two": "2"}, {}]
+    header_sets += [{f"X-Many-{number}": str(number)} for number in range(MAX_HEADER_KEY_SETS)]
+    with override_settings(MOESIF_MIDDLEWARE=BASE_OPTIONS, ROOT_URLCONF=__name__):
+        client = Client()
+        for headers in header_sets + header_sets[:3]:
+            client.get("/echo", headers=headers)
+    calls = captured(ring)
+    assert len(calls) == len(header_sets) + 3
+    assert len(_header_getters) <= MAX_HEADER_KEY_SETS
+    for call, headers in zip(calls, header_sets + header_sets[:3], strict=True):
+        sent = {name: value for name, value in call.request_headers
+                if name.startswith("HTTP_X_")}
+        assert sent == {"HTTP_" + name.upper().replace("-", "_"): value
+                        for name, value in headers.items()}

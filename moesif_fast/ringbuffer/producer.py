@@ -9,7 +9,9 @@ dedicated lane is owned, appends go to the shared overflow lane, each under a no
 control block when the lane is full (bytes or `max_records`), the record is larger than
 `max_record`, or the overflow lane stays busy. It is safe from many threads (a process-local
 lock) and from a signal handler that interrupts an append (the nested call drops and counts
-instead of deadlocking). After `fork()` the child drops the parent's lane and claims its own.
+instead of deadlocking). After `fork()` the child drops the parent's lane and claims its own:
+an `os.register_at_fork` hook resets every live producer in the child (so `append` need not
+compare process ids, a system call, on every record).
 """
 
 from __future__ import annotations
@@ -82,8 +84,6 @@ class Producer:
 
     def append(self, record: bytes) -> bool:
         """Append one record. True when it is published; False when it was dropped (counted)."""
-        if self._pid != os.getpid():
-            self._after_fork()
         with self._lock:
             if self._appending:  # re-entered from a signal handler in the middle of an append
                 self._count_nested_drop()
