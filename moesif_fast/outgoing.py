@@ -35,8 +35,8 @@ Rules:
   MAX_BODY_SIZE are recorded as their size.
 - The URI is the final URL without any `user:password@` (requests sends it as Basic auth and
   leaves it in the URL). There is no transaction id: none was sent with the request.
-- Never captured: calls to the collector (URLs under `options.base_uri`) and calls through a
-  session whose INTERNAL_SESSION_ATTRIBUTE is true (the shipper's transport sets it).
+- Never captured: calls to the collector (URLs under `options.base_uri`). The shipper's
+  transport does not use `requests` at all: it sends with urllib3 and never comes here.
 - Capture never raises into the caller and never changes what it gets: the same Response
   object, a streamed body unread. A failed capture is counted (`capture_errors()`) and logged
   at most once a minute.
@@ -60,8 +60,6 @@ from .sink import EventSink
 
 logger = logging.getLogger("moesif_fast")
 
-INTERNAL_SESSION_ATTRIBUTE = "moesif_fast_internal"
-"""A `requests.Session` with this attribute set to True is never captured."""
 ERROR_LOG_INTERVAL = 60.0  # seconds between two logged capture errors in one process
 
 SendFunction = Callable[..., requests.Response]
@@ -118,7 +116,7 @@ def _send(session: requests.Session, request: requests.PreparedRequest,
           **send_options: Any) -> requests.Response:
     """`requests.Session.send` while capture is installed (see the module docstring)."""
     capture = _capture
-    if capture is None or _inside_call.get() or not capture.wants(session, request):
+    if capture is None or _inside_call.get() or not capture.wants(request):
         return _original_send(session, request, **send_options)
     token = _inside_call.set(True)
     try:
@@ -141,11 +139,10 @@ class _OutgoingCapture:
         self._max_body_size = options.MAX_BODY_SIZE
         self._next_error_log = 0.0
 
-    def wants(self, session: requests.Session, request: requests.PreparedRequest) -> bool:
-        """False for a call that is never captured: internal session, or to the collector."""
+    def wants(self, request: requests.PreparedRequest) -> bool:
+        """False for a call that is never captured: one to the collector."""
         try:
-            return not (getattr(session, INTERNAL_SESSION_ATTRIBUTE, False)
-                        or request.url.startswith(self._collector_prefix))
+            return not request.url.startswith(self._collector_prefix)
         except Exception:  # not a PreparedRequest with a URL: the original send will say
             return False
 

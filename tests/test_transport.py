@@ -1,10 +1,16 @@
-"""CollectorTransport against a scripted HTTP collector on 127.0.0.1: delivery, retries, refusal."""
+"""CollectorTransport against scripted HTTP servers on 127.0.0.1: delivery, retries, refusal,
+proxies from the environment, certificate verification."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
+import os
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +18,9 @@ from dataclasses import dataclass, field
 from email.message import Message
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import certifi
 import pytest
 
 from moesif_fast.shipper.transport import CollectorTransport, Outcome
@@ -32,6 +40,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     delay: float = 0.0
+    content_length: int | None = None  # more than len(body): the body is cut short, then closed
 
 
 @dataclass(frozen=True)
@@ -52,13 +61,17 @@ class ScriptedCollector:
     Replies are used in order; the last one repeats once the script runs out (201 by default).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.received: list[Received] = []
         self._replies = [Reply()]
         self._changed = threading.Condition()
         self._closing = threading.Event()
         self._server = _QuietServer(("127.0.0.1", 0), _Handler)
         self._server.collector = self
+        self._scheme = "http"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            self._scheme = "https"
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
         )
@@ -66,7 +79,7 @@ class ScriptedCollector:
 
     @property
     def base_uri(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"{self._scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     def answer(self, *replies: Reply) -> None:
         with self._changed:
@@ -100,9 +113,11 @@ class ScriptedCollector:
         handler.send_response(reply.status)
         for name, value in reply.headers.items():
             handler.send_header(name, value)
-        handler.send_header("Content-Length", str(len(reply.body)))
+        handler.send_header("Content-Length", str(reply.content_length or len(reply.body)))
         handler.end_headers()
         handler.wfile.write(reply.body)
+        if reply.content_length is not None:
+            handler.close_connection = True
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -124,6 +139,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self.server.collector.handle(self)
 
+    def do_CONNECT(self) -> None:  # noqa: N802 (as a proxy: the script answers the tunnel)
+        self.server.collector.handle(self)
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         """Keep the test output clean."""
 
@@ -133,6 +151,23 @@ def collector() -> Iterator[ScriptedCollector]:
     server = ScriptedCollector()
     yield server
     server.close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[ScriptedCollector]:
+    """A recording stand-in for a proxy: it answers itself instead of forwarding."""
+    server = ScriptedCollector()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def proxy_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The environment without any proxy variable; the test sets the ones it needs."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    return monkeypatch
 
 
 @pytest.fixture
@@ -331,6 +366,24 @@ def test_read_timeout_is_retried(collector, make_transport):
     assert (outcome.delivered, outcome.attempts) == (True, 2)
 
 
+def test_truncated_response_is_retried(collector, make_transport):
+    collector.answer(Reply(201, body=b'{"status": "o', content_length=100), Reply(201))
+
+    outcome = post_batch(make_transport(collector.base_uri))
+
+    assert (outcome.delivered, outcome.attempts) == (True, 2)
+
+
+def test_truncated_json_body_is_fetched_again(collector, make_transport):
+    collector.answer(Reply(200, body=b'{"sample_rate": 5', content_length=20),
+                     Reply(200, body=b'{"sample_rate": 50}'))
+    transport = make_transport(collector.base_uri)
+
+    outcome, body = transport.get_json("/v1/config", give_up_at=None, stop=threading.Event())
+
+    assert (outcome.delivered, outcome.attempts, body) == (True, 2, {"sample_rate": 50})
+
+
 def test_gives_up_at_once_when_the_next_wait_would_pass_the_deadline(collector, make_transport):
     collector.answer(Reply(503, {"Retry-After": "30"}))
     started = time.monotonic()
@@ -414,6 +467,36 @@ def test_concurrent_posts_from_pool_size_threads_are_all_delivered(collector, ma
     assert len({request.client_port for request in collector.received}) <= 4
 
 
+def test_never_opens_more_than_pool_size_connections(collector, make_transport):
+    collector.answer(Reply(201, delay=0.05))
+    transport = make_transport(collector.base_uri, pool_size=2)
+    outcomes: list[Outcome] = []
+
+    def send() -> None:
+        outcomes.extend(post_batch(transport) for _ in range(3))
+
+    senders = [threading.Thread(target=send) for _ in range(6)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(timeout=30)
+
+    assert len(outcomes) == 18 and all(outcome.delivered for outcome in outcomes)
+    assert len({request.client_port for request in collector.received}) <= 2
+
+
+def test_one_connection_serves_successive_requests(collector, make_transport):
+    collector.answer(Reply(201), Reply(503, body=b"busy, try again"), Reply(201), Reply(200))
+    transport = make_transport(collector.base_uri)
+
+    post_batch(transport)
+    post_batch(transport)  # 503 then 201: the error's body is read, the connection kept
+    transport.get_json("/v1/config", give_up_at=None, stop=threading.Event())
+
+    assert len(collector.received) == 4
+    assert len({request.client_port for request in collector.received}) == 1
+
+
 def test_get_json_returns_the_parsed_body(collector, make_transport):
     collector.answer(Reply(200, {"X-Moesif-Config-ETag": "etag-1"}, b'{"sample_rate": 50}'))
     transport = make_transport(collector.base_uri)
@@ -443,3 +526,117 @@ def test_get_json_has_no_body_without_a_json_2xx(collector, make_transport, repl
 def test_rejects_a_base_uri_that_is_not_an_http_url(base_uri):
     with pytest.raises(ValueError, match="not an http:// or https:// URL"):
         CollectorTransport(base_uri, APPLICATION_ID, user_agent=USER_AGENT)
+
+
+# --- proxies from the environment, TLS ---------------------------------------------------------
+
+
+def test_http_goes_through_the_proxy_named_by_the_environment(
+    proxy, proxy_environment, make_transport
+):
+    proxy_port = proxy.base_uri.rpartition(":")[2]
+    proxy_environment.setenv("HTTP_PROXY", f"http://moesif:p%40ss@127.0.0.1:{proxy_port}")
+    transport = make_transport("http://collector.test:8080/moesif")  # not resolvable: via proxy
+
+    outcome = post_batch(transport, b"[7]")
+
+    assert outcome.delivered
+    [request] = proxy.received
+    assert request.path == "http://collector.test:8080/moesif/v1/events/batch"  # absolute form
+    assert request.body == b"[7]"
+    assert request.headers["Host"] == "collector.test:8080"
+    assert request.headers["X-Moesif-Application-Id"] == APPLICATION_ID
+    credentials = base64.b64encode(b"moesif:p@ss").decode()
+    assert request.headers["Proxy-Authorization"] == f"Basic {credentials}"
+
+
+def test_https_is_tunnelled_through_the_proxy(proxy, proxy_environment, make_transport):
+    proxy.answer(Reply(403))  # the tunnel is refused: no TLS server is needed behind it
+    proxy_environment.setenv("HTTPS_PROXY", proxy.base_uri)
+    transport = make_transport("https://collector.test")
+
+    outcome = post_batch(transport, give_up_at=time.monotonic() + 0.5)
+
+    assert (outcome.delivered, outcome.permanent, outcome.status) == (False, False, None)
+    assert "403" in outcome.error
+    assert {(request.method, request.path) for request in proxy.received} == {
+        ("CONNECT", "collector.test:443")
+    }
+
+
+def test_no_proxy_is_respected(collector, proxy, proxy_environment, make_transport):
+    proxy_environment.setenv("HTTP_PROXY", proxy.base_uri)
+    proxy_environment.setenv("NO_PROXY", "localhost,127.0.0.1")
+
+    outcome = post_batch(make_transport(collector.base_uri))
+
+    assert outcome.delivered
+    assert (len(collector.received), len(proxy.received)) == (1, 0)
+
+
+def test_proxy_variables_set_after_the_transport_is_built_are_ignored(
+    collector, proxy, proxy_environment, make_transport
+):
+    transport = make_transport(collector.base_uri)
+    proxy_environment.setenv("HTTP_PROXY", proxy.base_uri)
+
+    outcome = post_batch(transport)
+
+    assert outcome.delivered
+    assert (len(collector.received), len(proxy.received)) == (1, 0)
+
+
+@pytest.mark.parametrize("proxy_url", ["ftp://127.0.0.1:2121", "http://:3128"])
+def test_an_unusable_proxy_makes_requests_fail_for_good(
+    proxy_environment, make_transport, caplog, proxy_url
+):
+    proxy_environment.setenv("HTTPS_PROXY", proxy_url)
+
+    with caplog.at_level("WARNING", logger="moesif_fast.shipper"):
+        outcome = post_batch(make_transport("https://collector.test"))
+
+    assert (outcome.delivered, outcome.permanent, outcome.attempts) == (False, True, 1)
+    assert "proxy" in outcome.error
+    assert "refused for good" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by itself, and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext",
+         "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def tls_collector(self_signed: tuple[Path, Path]) -> Iterator[ScriptedCollector]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*self_signed)
+    server = ScriptedCollector(tls=context)
+    yield server
+    server.close()
+
+
+def test_certificates_are_verified_against_certifis_bundle(
+    tls_collector, self_signed, make_transport, monkeypatch
+):
+    unknown_issuer = post_batch(
+        make_transport(tls_collector.base_uri), give_up_at=time.monotonic() + 0.5
+    )
+    monkeypatch.setattr(certifi, "where", lambda: str(self_signed[0]))
+    trusted_issuer = post_batch(
+        make_transport(tls_collector.base_uri), give_up_at=time.monotonic() + 5
+    )
+
+    assert (unknown_issuer.delivered, unknown_issuer.permanent) == (False, False)
+    assert "CERTIFICATE_VERIFY_FAILED" in unknown_issuer.error
+    assert (trusted_issuer.delivered, trusted_issuer.attempts) == (True, 1)
+    assert len(tls_collector.received) == 1
