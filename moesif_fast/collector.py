@@ -13,7 +13,8 @@ Ingestion (`POST /v1/...`):
   configured (401 otherwise);
 - bad gzip, bad JSON or a wrong shape is answered 400 with `{"error": "..."}` (an event needs
   string request.time/uri/verb, and a response, when not null, a string time and an integer
-  status; an entity needs its ids, see ENTITY_ID_KEYS); success is 201
+  status; request and response headers, when not null, are objects of strings, direction and
+  transaction_id strings or null; an entity needs its ids, see ENTITY_ID_KEYS); success is 201
   with an empty body. A 201 to `POST /v1/events/batch` carries the current
   `X-Moesif-Config-ETag` and `X-Moesif-Rules-Tag`.
 
@@ -30,14 +31,22 @@ Control API (no application id), for tests of a client against a misbehaving col
 Storage: one SQLite file in WAL mode, so other processes can read it while the collector writes;
 the `read_*` functions take only its path. Tables:
 - `requests(id, received_at, method, path, status)`: every request outside the control API;
-- `batches(id, received_at, path, event_count, raw_bytes, gzip)`: one per stored ingestion
-  request; `event_count` counts the events or entities it carried, `raw_bytes` is the body's
-  size on the wire, `gzip` is 1 when it was gzip;
-- `events(id, batch_id, received_at, direction, transaction_id, request_header_txn_id, uri, verb,
-  status, body)`: `body` is the event's JSON text exactly as received;
-  `request_header_txn_id` is the request's `X-Moesif-Transaction-Id` header, any key case;
-- `entities(id, batch_id, kind, body)`: kind is 'user', 'company' or 'subscription'.
-`received_at` is Unix time in seconds.
+- `batches(id, received_at, path, event_count, raw_bytes, gzip, first_event_id, body)`: one per
+  stored ingestion request; `event_count` counts the events or entities it carried, `raw_bytes`
+  is the body's size on the wire, `gzip` is 1 when it was gzip. For events, `body` is the
+  request body exactly as received (gzip or not) and its events have the ids first_event_id,
+  first_event_id + 1, ... (both columns are NULL for entities);
+- `entities(id, batch_id, kind, body)`: kind is 'user', 'company' or 'subscription'; `body` is
+  the entity's JSON text exactly as received.
+`received_at` is Unix time in seconds. A stored request's batch and its `requests` row are
+written in one transaction (the row by a trigger on `batches`). A file written by the older
+collector, which stored one row per event, is refused.
+
+Events are checked one by one but not stored one row each: the body is stored as it came, one
+blob per request, which costs a small part of the CPU that cutting it into events and writing a
+row for each did (the collector shares the cores with the application in the benchmarks). The
+read functions inflate those bodies and cut them into events: `read_event_bodies` gives each
+event's JSON text exactly as received, `read_events` the parsed events.
 
 Python API: `LocalCollector` serves from a thread of the calling process (tests); the `read_*`
 functions read the file from any process. Command line: `main` (`python -m moesif_fast
@@ -46,6 +55,7 @@ collector`), loopback only unless `--allow-remote`.
 All handler threads share one SQLite connection behind a lock: SQLite admits one writer at a
 time anyway, the lock makes that explicit (no SQLITE_BUSY between threads) and makes id order
 the arrival order. Reads open their own short-lived connection, which WAL lets run alongside.
+`PRAGMA synchronous = OFF`: what was stored survives the collector's death, not the machine's.
 """
 
 from __future__ import annotations
@@ -73,11 +83,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs
 
 logger = logging.getLogger(__name__)
-Checked = TypeVar("Checked")
 
 MAX_BODY_BYTES = 50 * 1024 * 1024
 """Moesif's limit for one request body, compressed or not: 50 MB, taken as 50 MiB."""
@@ -88,7 +97,6 @@ DEFAULT_DB_PATH = Path("moesif-collector.sqlite3")
 APPLICATION_ID_HEADER = "X-Moesif-Application-Id"
 CONFIG_ETAG_HEADER = "X-Moesif-Config-ETag"
 RULES_TAG_HEADER = "X-Moesif-Rules-Tag"
-TRANSACTION_ID_HEADER = "x-moesif-transaction-id"
 
 EVENTS_BATCH_PATH = "/v1/events/batch"
 CONTROL_PREFIX = "/_collector/"
@@ -130,47 +138,59 @@ METHODS_BY_PATH: dict[str, frozenset[str]] = {
     "/_collector/events": frozenset({"GET"}),
 }
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
+SCHEMA_VERSION = 2
+"""The `PRAGMA user_version` this collector writes and accepts (the older layout with one row per
+event left it at 0)."""
+
+SCHEMA = f"""
+BEGIN;
+CREATE TABLE requests (
     id INTEGER PRIMARY KEY,
     received_at REAL NOT NULL,
     method TEXT NOT NULL,
     path TEXT NOT NULL,
     status INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS batches (
+CREATE TABLE batches (
     id INTEGER PRIMARY KEY,
     received_at REAL NOT NULL,
     path TEXT NOT NULL,
     event_count INTEGER NOT NULL,
     raw_bytes INTEGER NOT NULL,
-    gzip INTEGER NOT NULL
+    gzip INTEGER NOT NULL,
+    first_event_id INTEGER,
+    body BLOB
 );
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    batch_id INTEGER NOT NULL REFERENCES batches (id),
-    received_at REAL NOT NULL,
-    direction TEXT,
-    transaction_id TEXT,
-    request_header_txn_id TEXT,
-    uri TEXT NOT NULL,
-    verb TEXT NOT NULL,
-    status INTEGER,
-    body TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS entities (
+CREATE INDEX batches_by_next_event_id ON batches (first_event_id + event_count);
+CREATE TRIGGER stored_request AFTER INSERT ON batches BEGIN
+    INSERT INTO requests (received_at, method, path, status)
+    VALUES (NEW.received_at, 'POST', NEW.path, 201);
+END;
+CREATE TABLE entities (
     id INTEGER PRIMARY KEY,
     batch_id INTEGER NOT NULL REFERENCES batches (id),
     kind TEXT NOT NULL CHECK (kind IN ('user', 'company', 'subscription')),
     body TEXT NOT NULL
 );
+PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
 """
+NEXT_EVENT_ID = "SELECT coalesce(max(first_event_id + event_count), 1) FROM batches"
+"""The id the next stored event gets (the index above makes it one lookup)."""
 
 DISCARD_CHUNK_BYTES = 64 * 1024
 SHUTDOWN_POLL_S = 0.05
 """How often the serving loop checks for stop(); stop() waits up to this long for it."""
-JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+JSON_WHITESPACE_CHARACTERS = " \t\n\r"
+JSON_WHITESPACE = re.compile(f"[{JSON_WHITESPACE_CHARACTERS}]*")
+JSON_DECODER = json.JSONDecoder()
 ASCII_DIGITS = re.compile(r"[0-9]+")
+STRING_TYPE = frozenset({str})
+HTTP_VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1"})
+HEADER_FIELD = re.compile(r"([^\s:]+):[ \t]*(.*?)[ \t]*\r?\n")
+MAX_HEADER_LINE = 65536
+MAX_HEADER_FIELDS = 100
+"""The limits of http.client, which BaseHTTPRequestHandler reads headers with."""
 
 
 class Rejection(Exception):
@@ -187,11 +207,26 @@ class BadShape(Exception):
     """A JSON value that is not what the endpoint takes; the message says what is wrong."""
 
 
+class Batch(NamedTuple):
+    """What an accepted ingestion request stores, besides its `requests` row."""
+
+    kind: str
+    """'event' or one of ENTITY_ID_KEYS."""
+    count: int
+    body: bytes
+    """The request body as received."""
+    gzip: bool
+    entity_texts: list[str]
+    """Each entity's exact JSON text; empty for events, which are stored as `body`."""
+
+
 @dataclass(frozen=True)
 class Reply:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    batch: Batch | None = None
+    """What to store with the request's `requests` row (before the reply is sent)."""
 
 
 def json_reply(status: int, value: Any, headers: dict[str, str] | None = None) -> Reply:
@@ -203,19 +238,21 @@ def json_reply(status: int, value: Any, headers: dict[str, str] | None = None) -
 
 def gunzip_capped(data: bytes, limit: int = MAX_BODY_BYTES) -> bytes:
     """Inflate every gzip member of `data`; 400 if it is not gzip, 413 past `limit` bytes."""
-    inflated = bytearray()
+    members: list[bytes] = []
+    size = 0
     try:
         while data:
             member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-            inflated += member.decompress(data, limit + 1 - len(inflated))
-            if len(inflated) > limit:
+            members.append(member.decompress(data, limit + 1 - size))
+            size += len(members[-1])
+            if size > limit:
                 raise Rejection(413, f"body inflates past {limit} bytes")
             if not member.eof:
                 raise Rejection(400, "bad gzip body: truncated")
             data = member.unused_data
     except zlib.error as error:
         raise Rejection(400, f"bad gzip body: {error}") from None
-    return bytes(inflated)
+    return b"".join(members)
 
 
 def decode_body(body: bytes, encoding: str) -> str:
@@ -230,53 +267,42 @@ def decode_body(body: bytes, encoding: str) -> str:
         raise Rejection(400, "body is not UTF-8") from None
 
 
-def split_json_array(text: str) -> list[tuple[str, Any]]:
-    """Each element of the JSON array `text` as (its exact source text, its parsed value)."""
-    decoder = json.JSONDecoder()
-    position = JSON_WHITESPACE.match(text).end()
-    if not text.startswith("[", position):
-        raise BadShape("a batch body must be a JSON array")
-    position = JSON_WHITESPACE.match(text, position + 1).end()
-    elements: list[tuple[str, Any]] = []
-    if text.startswith("]", position):
-        end = position + 1
-    else:
-        while True:
-            value, end = decoder.raw_decode(text, position)
-            elements.append((text[position:end], value))
-            position = JSON_WHITESPACE.match(text, end).end()
-            if text.startswith("]", position):
-                end = position + 1
-                break
-            if not text.startswith(",", position):
-                raise BadShape(f"expected ',' or ']' at char {position}")
-            position = JSON_WHITESPACE.match(text, position + 1).end()
-    if JSON_WHITESPACE.match(text, end).end() != len(text):
-        raise BadShape(f"extra data after the array at char {end}")
-    return elements
+def parse_items(text: str, is_batch: bool) -> list[Any]:
+    """The items of an ingestion body: the elements of a batch's JSON array, or its one value."""
+    value = parse_json(text)
+    if not is_batch:
+        return [value]
+    if not isinstance(value, list):
+        raise Rejection(400, "a batch body must be a JSON array")
+    return value
 
 
-def parse_items(text: str, is_batch: bool) -> list[tuple[str, Any]]:
-    """The items of an ingestion body as (exact source text, parsed value)."""
-    try:
-        return split_json_array(text) if is_batch else [(text.strip(), json.loads(text))]
-    except (ValueError, RecursionError) as error:
-        raise Rejection(400, f"bad JSON: {error}") from None
-    except BadShape as error:
-        raise Rejection(400, str(error)) from None
+def item_texts(text: str, is_batch: bool) -> list[str]:
+    """The exact source text of each item of an ingestion body that parse_items accepted."""
+    if not is_batch:
+        return [text.strip(JSON_WHITESPACE_CHARACTERS)]
+    texts: list[str] = []
+    position = skip_json_whitespace(text, skip_json_whitespace(text, 0) + 1)  # past the '['
+    while text[position] != "]":
+        _, end = JSON_DECODER.raw_decode(text, position)
+        texts.append(text[position:end])
+        position = skip_json_whitespace(text, end)
+        if text[position] == ",":
+            position = skip_json_whitespace(text, position + 1)
+    return texts
 
 
-def check_each(
-    items: list[tuple[str, Any]], check: Callable[[Any], Checked]
-) -> list[tuple[str, Checked]]:
-    """(source text, check(value)) for each item; a BadShape is a 400 that names the item."""
-    checked = []
-    for index, (source, value) in enumerate(items):
+def skip_json_whitespace(text: str, position: int) -> int:
+    return JSON_WHITESPACE.match(text, position).end()
+
+
+def check_each(items: list[Any], check: Callable[[Any], None]) -> None:
+    """check(item) for each item; a BadShape is a 400 that names the item."""
+    for index, item in enumerate(items):
         try:
-            checked.append((source, check(value)))
+            check(item)
         except BadShape as error:
             raise Rejection(400, f"item {index}: {error}") from None
-    return checked
 
 
 def parse_json(text: str) -> Any:
@@ -293,27 +319,16 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def string_map(value: object, where: str) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(item, str) for item in value.values()):
+def check_string_map(value: object, where: str) -> None:
+    # map(type, ...) rather than isinstance in a generator: C-speed, and JSON has no subclasses.
+    if value is not None and not (
+        isinstance(value, dict) and STRING_TYPE.issuperset(map(type, value.values()))
+    ):
         raise BadShape(f"{where} must be an object of strings")
-    return value
 
 
-def optional_string(event: dict[str, Any], key: str) -> str | None:
-    value = event.get(key)
-    if value is not None and not isinstance(value, str):
-        raise BadShape(f"{key} must be a string or null")
-    return value
-
-
-EventColumns = tuple[str | None, str | None, str | None, str, str, int | None]
-"""direction, transaction_id, request_header_txn_id, uri, verb, status."""
-
-
-def event_columns(event: object) -> EventColumns:
-    """The indexed columns of one event, after checking it has the Moesif event shape."""
+def check_event(event: object) -> None:
+    """Raise BadShape unless `event` has the Moesif event shape (see the module docstring)."""
     if not isinstance(event, dict):
         raise BadShape("an event must be a JSON object")
     request = event.get("request")
@@ -322,30 +337,20 @@ def event_columns(event: object) -> EventColumns:
     for key in ("time", "uri", "verb"):
         if not isinstance(request.get(key), str):
             raise BadShape(f"request.{key} must be a string")
-    request_headers = string_map(request.get("headers"), "request.headers")
+    check_string_map(request.get("headers"), "request.headers")
     response = event.get("response")
-    status = None
     if response is not None:
         if not isinstance(response, dict):
             raise BadShape("response must be an object or null")
         if not isinstance(response.get("time"), str):
             raise BadShape("response.time must be a string")
-        status = response.get("status")
-        if not is_int(status):
+        if not is_int(response.get("status")):
             raise BadShape("response.status must be an integer")
-        string_map(response.get("headers"), "response.headers")
-    header_transaction_id = next(
-        (value for name, value in request_headers.items() if name.lower() == TRANSACTION_ID_HEADER),
-        None,
-    )
-    return (
-        optional_string(event, "direction"),
-        optional_string(event, "transaction_id"),
-        header_transaction_id,
-        request["uri"],
-        request["verb"],
-        status,
-    )
+        check_string_map(response.get("headers"), "response.headers")
+    for key in ("direction", "transaction_id"):
+        value = event.get(key)
+        if value is not None and not isinstance(value, str):
+            raise BadShape(f"{key} must be a string or null")
 
 
 def check_entity(kind: str, entity: object) -> None:
@@ -452,55 +457,66 @@ class CollectorStore:
 
     def __init__(self, db_path: Path) -> None:
         self._lock = threading.Lock()
-        self._connection = sqlite3.connect(db_path, check_same_thread=False)
-        self._connection.execute("PRAGMA journal_mode = WAL")
-        self._connection.execute("PRAGMA synchronous = NORMAL")
-        self._connection.executescript(SCHEMA)
+        # Autocommit: a statement outside BEGIN is a transaction of its own.
+        self._connection = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        try:
+            self._connection.execute("PRAGMA journal_mode = WAL")
+            self._connection.execute("PRAGMA synchronous = OFF")  # no fsync at checkpoints
+            create_schema(self._connection, db_path)
+        except BaseException:
+            self._connection.close()
+            raise
 
-    def record_request(self, method: str, path: str, status: int) -> None:
-        with self._lock, self._connection:
-            self._connection.execute(
-                "INSERT INTO requests (received_at, method, path, status) VALUES (?, ?, ?, ?)",
-                (time.time(), method, path, status),
-            )
-
-    def store_events(
-        self, path: str, events: list[tuple[str, EventColumns]], raw_bytes: int, gzip: bool
-    ) -> None:
+    def record_request(self, method: str, path: str, status: int, batch: Batch | None) -> None:
+        """A request's `requests` row or, for a stored request, its batch (and so, by trigger, its
+        `requests` row): a stored events request is one SQLite statement. The sqlite3 module lets
+        go of the GIL around each statement, which costs a thread switch when other handler
+        threads wait for it."""
+        assert batch is None or (method, status) == ("POST", 201), "what the trigger writes"
         received_at = time.time()
-        with self._lock, self._connection:
-            batch_id = self._insert_batch(received_at, path, len(events), raw_bytes, gzip)
-            self._connection.executemany(
-                "INSERT INTO events (batch_id, received_at, direction, transaction_id,"
-                " request_header_txn_id, uri, verb, status, body)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(batch_id, received_at, *columns, body) for body, columns in events],
-            )
+        with self._lock:
+            if batch is None:
+                self._connection.execute(
+                    "INSERT INTO requests (received_at, method, path, status) VALUES (?, ?, ?, ?)",
+                    (received_at, method, path, status),
+                )
+            elif batch.kind == "event":
+                self._connection.execute(
+                    "INSERT INTO batches (received_at, path, event_count, raw_bytes, gzip,"
+                    f" first_event_id, body) VALUES (?, ?, ?, ?, ?, ({NEXT_EVENT_ID}), ?)",
+                    (received_at, path, batch.count, len(batch.body), batch.gzip, batch.body),
+                )
+            else:
+                self._insert_entities(received_at, path, batch)
 
-    def store_entities(
-        self, path: str, kind: str, bodies: list[str], raw_bytes: int, gzip: bool
-    ) -> None:
-        with self._lock, self._connection:
-            batch_id = self._insert_batch(time.time(), path, len(bodies), raw_bytes, gzip)
+    def _insert_entities(self, received_at: float, path: str, batch: Batch) -> None:
+        with self._connection:  # commits, or rolls back on an error
+            self._connection.execute("BEGIN")
+            cursor = self._connection.execute(
+                "INSERT INTO batches (received_at, path, event_count, raw_bytes, gzip)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (received_at, path, batch.count, len(batch.body), batch.gzip),
+            )
             self._connection.executemany(
                 "INSERT INTO entities (batch_id, kind, body) VALUES (?, ?, ?)",
-                [(batch_id, kind, body) for body in bodies],
+                [(cursor.lastrowid, batch.kind, text) for text in batch.entity_texts],
             )
-
-    def _insert_batch(
-        self, received_at: float, path: str, count: int, raw_bytes: int, gzip: bool
-    ) -> int:
-        cursor = self._connection.execute(
-            "INSERT INTO batches (received_at, path, event_count, raw_bytes, gzip)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (received_at, path, count, raw_bytes, int(gzip)),
-        )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
 
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+
+
+def create_schema(connection: sqlite3.Connection, db_path: Path) -> None:
+    """Create the tables in a new database; refuse one this collector did not write."""
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return
+    if version != 0 or connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        raise sqlite3.DatabaseError(
+            f"{db_path} was not written by this version of the collector; use another file"
+        )
+    connection.executescript(SCHEMA)
 
 
 def connect_for_reading(db_path: str | os.PathLike[str]) -> sqlite3.Connection:
@@ -511,16 +527,50 @@ def connect_for_reading(db_path: str | os.PathLike[str]) -> sqlite3.Connection:
     return connection
 
 
+class StoredEvents(NamedTuple):
+    """A stored events request, as read back."""
+
+    skip: int
+    """How many of its first events a reader has seen (their ids are not past its since_id)."""
+    is_batch: bool
+    text: str
+    """Its body, inflated: a JSON array of events or, if not is_batch, one event."""
+
+
+def read_event_requests(db_path: str | os.PathLike[str], since_id: int) -> list[StoredEvents]:
+    """Each stored events request holding an event with id > since_id, in arrival order."""
+    with contextlib.closing(connect_for_reading(db_path)) as connection:
+        rows = connection.execute(
+            "SELECT first_event_id, path, gzip, body FROM batches"
+            " WHERE first_event_id + event_count > ? ORDER BY first_event_id + event_count",
+            (since_id + 1,),
+        ).fetchall()
+    return [
+        StoredEvents(
+            max(since_id + 1 - first_event_id, 0),
+            INGESTION_ROUTES[path].is_batch,
+            decode_body(body, "gzip" if gzip else "identity"),
+        )
+        for first_event_id, path, gzip, body in rows
+    ]
+
+
 def read_event_bodies(db_path: str | os.PathLike[str], since_id: int = 0) -> list[str]:
     """The JSON text of each stored event with id > since_id, in arrival order."""
-    with contextlib.closing(connect_for_reading(db_path)) as connection:
-        rows = connection.execute("SELECT body FROM events WHERE id > ? ORDER BY id", (since_id,))
-        return [body for (body,) in rows]
+    return [
+        text
+        for stored in read_event_requests(db_path, since_id)
+        for text in item_texts(stored.text, stored.is_batch)[stored.skip:]
+    ]
 
 
 def read_events(db_path: str | os.PathLike[str], since_id: int = 0) -> list[dict[str, Any]]:
     """The stored events with id > since_id, parsed, in arrival order."""
-    return [json.loads(body) for body in read_event_bodies(db_path, since_id)]
+    return [
+        event
+        for stored in read_event_requests(db_path, since_id)
+        for event in parse_items(stored.text, stored.is_batch)[stored.skip:]
+    ]
 
 
 def read_entities(db_path: str | os.PathLike[str], kind: str) -> list[dict[str, Any]]:
@@ -556,17 +606,17 @@ def read_stats(db_path: str | os.PathLike[str]) -> dict[str, Any]:
     `rejected` = {status as a string: count} for every answer of 400 or more."""
     with contextlib.closing(connect_for_reading(db_path)) as connection:
 
-        def count(table: str) -> int:
-            return connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        def count(query: str) -> int:
+            return connection.execute(query).fetchone()[0]
 
         rejected = connection.execute(
             "SELECT status, count(*) FROM requests WHERE status >= 400 GROUP BY status"
         )
         return {
-            "requests": count("requests"),
-            "batches": count("batches"),
-            "events": count("events"),
-            "entities": count("entities"),
+            "requests": count("SELECT count(*) FROM requests"),
+            "batches": count("SELECT count(*) FROM batches"),
+            "events": count(NEXT_EVENT_ID) - 1,  # ids are 1, 2, 3... with no gaps
+            "entities": count("SELECT count(*) FROM entities"),
             "rejected": {str(status): number for status, number in rejected},
         }
 
@@ -619,6 +669,55 @@ class CollectorRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "moesif_fast-collector"
 
+    header_fields: dict[str, str]
+    """The request's header fields by lowercase name (the first of repeated ones)."""
+
+    def parse_request(self) -> bool:
+        """Read the request line and the header fields into `header_fields`; False when the
+        request was refused (and answered). This is BaseHTTPRequestHandler.parse_request for
+        HTTP/1.0 and 1.1 without its email-package header parser, which cost more than all the
+        rest of the HTTP handling."""
+        self.command = ""  # for send_error, until the request line is read
+        self.request_version = self.protocol_version  # an error answer gets a status line
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not words:
+            return False
+        if len(words) != 3 or not words[2].startswith("HTTP/"):
+            self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({self.requestline!r})")
+            return False
+        if words[2] not in HTTP_VERSIONS:
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"Not HTTP/1.x: {words[2]}")
+            return False
+        self.command, path, self.request_version = words
+        self.path = "/" + path.lstrip("/") if path.startswith("//") else path
+        fields: dict[str, str] = {}
+        for _ in range(MAX_HEADER_FIELDS + 1):
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            if len(line) > MAX_HEADER_LINE:
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Line too long")
+                return False
+            field = HEADER_FIELD.fullmatch(line.decode("iso-8859-1"))
+            if field is None:
+                self.send_error(HTTPStatus.BAD_REQUEST, f"Bad header line ({line!r})")
+                return False
+            fields.setdefault(field[1].lower(), field[2])
+        else:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers")
+            return False
+        self.header_fields = fields
+        connection = fields.get("connection", "").lower()
+        self.close_connection = connection == "close" or (
+            self.request_version == "HTTP/1.0" and connection != "keep-alive"
+        )
+        expect = fields.get("expect", "").lower()
+        if expect == "100-continue" and self.request_version == "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
+
     def handle_any_method(self) -> None:
         path, _, query = self.path.partition("?")
         try:
@@ -626,17 +725,17 @@ class CollectorRequestHandler(BaseHTTPRequestHandler):
         except Rejection as rejection:
             reply = json_reply(rejection.status, {"error": rejection.message}, rejection.headers)
         if not path.startswith(CONTROL_PREFIX):
-            self.server.store.record_request(self.command, path, reply.status)
+            self.server.store.record_request(self.command, path, reply.status, reply.batch)
         self.send_reply(reply)
 
     do_GET = do_POST = do_PUT = handle_any_method
 
     def read_body(self) -> bytes:
         """The request body, read whole; a body that cannot or must not be read is a Rejection."""
-        if "Transfer-Encoding" in self.headers:
+        if "transfer-encoding" in self.header_fields:
             self.close_connection = True
             raise Rejection(411, "send a Content-Length; chunked bodies are not accepted")
-        declared = self.headers.get("Content-Length", "0").strip()
+        declared = self.header_fields.get("content-length", "0")
         if not ASCII_DIGITS.fullmatch(declared):
             self.close_connection = True
             raise Rejection(400, "bad Content-Length")
@@ -651,7 +750,7 @@ class CollectorRequestHandler(BaseHTTPRequestHandler):
         return body
 
     def content_encoding(self) -> str:
-        return self.headers.get("Content-Encoding", "identity").strip().lower()
+        return self.header_fields.get("content-encoding", "identity").lower()
 
     def discard_body(self, length: int) -> None:
         while length > 0:
@@ -670,7 +769,7 @@ class CollectorRequestHandler(BaseHTTPRequestHandler):
                             {"Allow": ", ".join(sorted(allowed))})
         if path.startswith(CONTROL_PREFIX):
             return self.control(path, query, body)
-        sent_id = self.headers.get(APPLICATION_ID_HEADER)
+        sent_id = self.header_fields.get(APPLICATION_ID_HEADER.lower())
         expected_id = self.server.application_id
         if not sent_id or (expected_id is not None and sent_id != expected_id):
             raise Rejection(401, f"missing or wrong {APPLICATION_ID_HEADER}")
@@ -693,15 +792,17 @@ class CollectorRequestHandler(BaseHTTPRequestHandler):
             headers = {} if faults.retry_after is None else {"Retry-After": str(faults.retry_after)}
             raise Rejection(faults.status, "injected fault", headers)
         encoding = self.content_encoding()
-        items = parse_items(decode_body(body, encoding), route.is_batch)
-        store, is_gzip = self.server.store, encoding == "gzip"
+        text = decode_body(body, encoding)
+        items = parse_items(text, route.is_batch)
+        entity_texts: list[str] = []  # events are stored as the body they came in
         if route.kind == "event":
-            store.store_events(path, check_each(items, event_columns), len(body), is_gzip)
+            check_each(items, check_event)
         else:
-            entities = check_each(items, functools.partial(check_entity, route.kind))
-            bodies = [source for source, _ in entities]
-            store.store_entities(path, route.kind, bodies, len(body), is_gzip)
-        return Reply(201, b"", self.server.controls.tags() if path == EVENTS_BATCH_PATH else {})
+            check_each(items, functools.partial(check_entity, route.kind))
+            entity_texts = item_texts(text, route.is_batch)
+        batch = Batch(route.kind, len(items), body, encoding == "gzip", entity_texts)
+        tags = self.server.controls.tags() if path == EVENTS_BATCH_PATH else {}
+        return Reply(201, b"", tags, batch)
 
     def control(self, path: str, query: str, body: bytes) -> Reply:
         controls = self.server.controls
@@ -741,12 +842,13 @@ class CollectorRequestHandler(BaseHTTPRequestHandler):
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(reply.body)
+            if reply.body:
+                self.wfile.write(reply.body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client hung up; nothing to answer
 
     def log_message(self, format: str, *args: Any) -> None:
-        logger.info("%s %s", self.address_string(), format % args)
+        logger.info("%s " + format, self.address_string(), *args)
 
 
 # --- public API ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 import re
 import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from moesif_fast.collector import (
     LocalCollector,
     main,
     read_entities,
+    read_event_bodies,
     read_events,
     read_stats,
 )
@@ -116,17 +118,10 @@ def test_batch_is_stored_field_by_field(local_collector: LocalCollector, compres
     assert response.content == b""
     assert all(response.headers[name] for name in TAG_HEADERS)
     assert local_collector.events() == events
+    assert read_event_bodies(local_collector.db_path) == element_texts
     with contextlib.closing(sqlite3.connect(local_collector.db_path)) as connection:
-        rows = connection.execute(
-            "SELECT direction, transaction_id, request_header_txn_id, uri, verb, status, body"
-            " FROM events ORDER BY id"
-        ).fetchall()
-    assert rows == [
-        ("Incoming", "txn-1", "header-txn-1", "http://api.example.com/items/1?x=1", "POST",
-         201, element_texts[0]),
-        ("Outgoing", "txn-2", "header-txn-2", "http://api.example.com/items/2?x=1", "GET",
-         202, element_texts[1]),
-    ]
+        stored = connection.execute("SELECT first_event_id, body FROM batches").fetchall()
+    assert stored == [(1, wire)]
     assert stored_batches(local_collector) == [("/v1/events/batch", 2, len(wire), compress)]
 
 
@@ -179,7 +174,7 @@ def test_any_non_empty_application_id_is_accepted_when_none_is_configured(
         (json.dumps([make_event(1), ["not", "an", "event"]]).encode(), None, "item 1"),
         (json.dumps([{**make_event(1), "request": {"time": "t", "uri": "/u"}}]).encode(), None,
          "item 0: request.verb"),
-        (b"[] []", None, "extra data"),
+        (b"[] []", None, "Extra data"),
     ],
     ids=["not-gzip", "truncated-gzip", "bad-json", "not-utf8", "object-for-batch",
          "array-element", "event-without-verb", "trailing-data"],
@@ -435,13 +430,169 @@ def test_concurrent_batches_are_all_stored_once_and_in_order(
         statuses = list(pool.map(send, batches))
 
     assert statuses == [201] * len(batches)
-    with contextlib.closing(sqlite3.connect(local_collector.db_path)) as connection:
-        rows = connection.execute("SELECT batch_id, transaction_id FROM events ORDER BY id")
-        by_batch: dict[int, list[str]] = {}
-        for batch_id, transaction_id in rows:
-            by_batch.setdefault(batch_id, []).append(transaction_id)
-    sent = sorted([event["transaction_id"] for event in batch] for batch in batches)
-    assert sorted(by_batch.values()) == sent
+    stored = [event["transaction_id"] for event in local_collector.events()]
+    counts = [batch["event_count"] for batch in local_collector.batches()]
+    assert counts == [5] * len(batches)
+    # Each batch's events are consecutive, in the order sent: cut the stored list batch by batch.
+    by_batch = [stored[start:start + 5] for start in range(0, len(stored), 5)]
+    sent = [[event["transaction_id"] for event in batch] for batch in batches]
+    assert sorted(by_batch) == sorted(sent)
+    assert local_collector.stats()["events"] == len(stored)
+    for since_id in (1, 4, 5, 6, 99, len(stored) - 1, len(stored)):
+        assert [event["transaction_id"] for event in local_collector.events(since_id)] == (
+            stored[since_id:])
+
+
+def event_text(number: int, uri: str, extra: str = "") -> str:
+    """An event's JSON text written by hand, so that no serializer decides its spelling."""
+    return (f'{{ "request" : {{"time": "2026-11-24T08:47:16.321", "uri": "{uri}", "verb": "GET"}}'
+            f', "response": null, "transaction_id": "txn-{number}"{extra} }}')
+
+
+def test_event_ids_and_since_id_across_batch_boundaries(local_collector: LocalCollector) -> None:
+    """Ids run 1, 2, 3... across requests of every kind; a reader asking from any id gets the
+    rest in order, each event's text exactly as it was sent."""
+    texts = [
+        event_text(1, "/caf\\u00e9", ', "weight": 1.50'),
+        event_text(2, "/caf\u00e9", ', "metadata": {"big": 1E2, "list": [ 1 ,2 ]}'),
+        event_text(3, "/three"),
+        event_text(4, "/single"),
+        event_text(5, "/five", ', "tags": "a\\"b"'),
+        event_text(6, "/six"),
+    ]
+
+    def post(path: str, text: str, compress: bool) -> None:
+        body = text.encode()
+        headers = dict(HEADERS)
+        if compress:
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        response = requests.post(local_collector.url + path, data=body, headers=headers)
+        assert response.status_code == 201, response.text
+
+    post("/v1/events/batch", "[" + ",".join(texts[:3]) + "]", compress=True)
+    post("/v1/events/batch", " [ ] ", compress=False)
+    post("/v1/users", '{"user_id": "u1"}', compress=False)
+    post("/v1/events", "\n " + texts[3] + " \r\n", compress=False)
+    post("/v1/events/batch", "[" + texts[4] + " ,\n\t" + texts[5] + "]", compress=False)
+
+    expected = [json.loads(text) for text in texts]
+    assert expected[0]["request"]["uri"] == expected[1]["request"]["uri"] == "/caf\u00e9"
+    for since_id in range(len(texts) + 2):
+        assert read_event_bodies(local_collector.db_path, since_id) == texts[since_id:]
+        assert local_collector.events(since_id) == expected[since_id:]
+        listed = requests.get(local_collector.url + "/_collector/events",
+                              params={"since_id": since_id})
+        assert listed.json() == expected[since_id:]
+    assert [batch["event_count"] for batch in local_collector.batches()] == [3, 0, 1, 1, 2]
+    assert local_collector.stats()["events"] == len(texts)
+    assert local_collector.entities("user") == [{"user_id": "u1"}]
+
+
+def test_a_bad_event_in_the_middle_stores_nothing(local_collector: LocalCollector) -> None:
+    bad = make_event(2)
+    del bad["request"]["uri"]
+
+    refused = post_json(local_collector, "/v1/events/batch", [make_event(1), bad, make_event(3)])
+    accepted = post_json(local_collector, "/v1/events/batch", [make_event(4)])
+
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "item 1: request.uri must be a string"
+    assert accepted.status_code == 201
+    assert local_collector.events() == [make_event(4)]
+    assert local_collector.events(since_id=1) == []
+    assert [batch["event_count"] for batch in local_collector.batches()] == [1]
+    stats = local_collector.stats()
+    assert (stats["requests"], stats["events"], stats["rejected"]) == (2, 1, {"400": 1})
+
+
+def test_ids_continue_after_a_restart_on_the_same_file(tmp_path: Path) -> None:
+    db_path = tmp_path / "collector.sqlite3"
+    with LocalCollector(db_path, APP_ID) as first:
+        assert post_json(first, "/v1/events/batch", [make_event(1), make_event(2)]).ok
+    with LocalCollector(db_path, APP_ID) as second:
+        assert post_json(second, "/v1/events/batch", [make_event(3)]).ok
+
+        assert second.events() == [make_event(1), make_event(2), make_event(3)]
+        assert second.events(since_id=2) == [make_event(3)]
+        assert second.stats()["events"] == 3
+
+
+def test_a_database_of_the_older_layout_is_refused(tmp_path: Path) -> None:
+    db_path = tmp_path / "collector.sqlite3"
+    with contextlib.closing(sqlite3.connect(db_path)) as connection:
+        connection.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+
+    with pytest.raises(sqlite3.DatabaseError, match="not written by this version"):
+        LocalCollector(db_path).start()
+
+
+def raw_exchange(collector: LocalCollector, request: bytes) -> bytes:
+    """Send `request` as is and read until the collector closes the connection."""
+    host, port = collector.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(request)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+def test_header_names_are_case_insensitive_and_http_1_0_closes(
+    local_collector: LocalCollector,
+) -> None:
+    body = gzip.compress(json.dumps([make_event(1)]).encode())
+    request = (b"POST /v1/events/batch HTTP/1.0\r\nx-moesif-application-id: " + APP_ID.encode()
+               + b"\r\ncontent-encoding:GZIP\r\nCONTENT-LENGTH: %d\r\n\r\n" % len(body) + body)
+
+    answer = raw_exchange(local_collector, request)  # returns only if the collector closes
+
+    assert answer.startswith(b"HTTP/1.1 201 ")
+    assert local_collector.events() == [make_event(1)]
+
+
+def test_expect_100_continue_is_answered_before_the_body(local_collector: LocalCollector) -> None:
+    body = json.dumps({"user_id": "u1"}).encode()
+    host, port = local_collector.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(b"POST /v1/users HTTP/1.1\r\nX-Moesif-Application-Id: " + APP_ID.encode()
+                           + b"\r\nExpect: 100-continue\r\nConnection: close\r\n"
+                           + b"Content-Length: %d\r\n\r\n" % len(body))
+        assert connection.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n")
+        connection.sendall(body)
+        assert connection.recv(65536).startswith(b"HTTP/1.1 201 ")
+    assert local_collector.entities("user") == [{"user_id": "u1"}]
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status"),
+    [
+        (b"NONSENSE\r\n", 400),
+        (b"GET /health/probe\r\n", 400),
+        (b"GET /health/probe FTP/1.1\r\n", 400),
+        (b"GET /health/probe HTTP/2.0\r\n", 505),
+        (b"GET /health/probe HTTP/1.1\r\nNo colon here\r\n", 400),
+        (b"GET /health/probe HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 101, 431),
+        (b"GET /health/probe HTTP/1.1\r\nX-Long: " + b"x" * 65536 + b"\r\n", 431),
+    ],
+    ids=["no-version", "http-0.9", "not-http", "http-2", "no-colon", "101-headers", "long-line"],
+)
+def test_malformed_requests_are_refused(
+    local_collector: LocalCollector, request_head: bytes, status: int
+) -> None:
+    answer = raw_exchange(local_collector, request_head + b"\r\n")
+
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
+    assert local_collector.stats()["requests"] == 0
+
+
+def test_a_hundred_headers_are_accepted(local_collector: LocalCollector) -> None:
+    headers = b"".join(b"X-Header-%d: %d\r\n" % (n, n) for n in range(98))
+    answer = raw_exchange(local_collector, b"GET /health/probe HTTP/1.1\r\n" + headers
+                          + b"X-Moesif-Application-Id: " + APP_ID.encode()
+                          + b"\r\nConnection: close\r\n\r\n")
+
+    assert answer.startswith(b"HTTP/1.1 200 ")
 
 
 def test_a_reader_in_a_transaction_does_not_hold_up_ingestion(
@@ -450,14 +601,14 @@ def test_a_reader_in_a_transaction_does_not_hold_up_ingestion(
     reader = sqlite3.connect(local_collector.db_path, isolation_level=None)
     try:
         reader.execute("BEGIN")
-        assert reader.execute("SELECT count(*) FROM events").fetchone() == (0,)
+        assert reader.execute("SELECT count(*) FROM batches").fetchone() == (0,)
 
         response = post_json(local_collector, "/v1/events/batch", [make_event(1)])
 
         assert response.status_code == 201
-        assert reader.execute("SELECT count(*) FROM events").fetchone() == (0,)  # its snapshot
+        assert reader.execute("SELECT count(*) FROM batches").fetchone() == (0,)  # its snapshot
         reader.execute("COMMIT")
-        assert reader.execute("SELECT count(*) FROM events").fetchone() == (1,)
+        assert reader.execute("SELECT count(*) FROM batches").fetchone() == (1,)
     finally:
         reader.close()
 
