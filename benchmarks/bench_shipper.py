@@ -10,40 +10,27 @@ and for larger batches.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-import time
 
 import pytest
+from bench_events import BODIES, captured_call
 
 from moesif_fast.demo.run import APPLICATION_ID
-from moesif_fast.record import encode_call
 from moesif_fast.ringbuffer import Geometry, Producer, RingFile
 from moesif_fast.settings import MoesifOptions
 from moesif_fast.shipper.loop import Shipper
 from moesif_fast.shipper.transport import CollectorTransport
 
 EVENTS = 20_000
-HEADERS = tuple((f"HTTP_X_HEADER_{number}", f"value {number}") for number in range(8)) + (
-    ("HTTP_HOST", "api.example.com"), ("CONTENT_TYPE", "application/json"))
-BODY = json.dumps({"user": "ada", "note": "x" * 960}).encode()
-
-
-def captured_call(number: int) -> bytes:
-    now = time.time_ns()
-    return encode_call((
-        "Incoming", now, now + 1_000_000, "POST", f"http://api.example.com/api/echo?n={number}",
-        HEADERS, "203.0.113.9", BODY, 201,
-        (("Content-Type", "application/json"), ("x-moesif-transaction-id", f"t-{number}")),
-        BODY, f"t-{number}", None, None, None, None, 1, None))
+BODY = BODIES["json-string"]
 
 
 @pytest.mark.parametrize("batch_size", [25, 100, 500])
 def test_shipper_delivery(benchmark, collector_url: str, batch_size: int) -> None:
     options = MoesifOptions(APPLICATION_ID=APPLICATION_ID, BASE_URI=collector_url,
                             BATCH_SIZE=batch_size)
-    records = [captured_call(number) for number in range(EVENTS)]
+    records = [captured_call(number, BODY) for number in range(EVENTS)]
 
     def fill() -> tuple[tuple[Shipper], dict[str, object]]:
         directory = tempfile.mkdtemp()

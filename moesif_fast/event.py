@@ -1,6 +1,8 @@
-"""Turn a `CapturedCall` into the Moesif event object, and a list of events into a JSON batch.
+"""Turn a `CapturedCall` into the Moesif event, as an object or as its JSON text, and JSON
+events into a batch.
 
-Runs in the shipper process only. The worker recorded raw facts (`moesif_fast.record`); this
+Runs in the shipper process (the middleware borrows the header rules: `wire_headers`,
+`client_ip`, `user_id_from_headers`). The worker recorded raw facts (`moesif_fast.record`); this
 module applies everything moesifdjango does between capture and the wire (reference §1.4, §2.2
 to §2.10): header naming and masks, the transaction-id header, body decoding and body masks,
 the client IP, the user id from the Authorization header, time formatting and MASK_EVENT_MODEL.
@@ -9,6 +11,13 @@ X-Forwarded-For falls through to the next header (W9), URL-safe JWT payloads dec
 Authorization header is read before header masks (W12), header masks also apply to outgoing
 calls (W20), gzip bodies are decompressed with a size cap (W16), and one value JSON cannot carry
 changes only its own event, never the batch (W9).
+
+What the shipper sends is `EventBuilder.encode`: the JSON text of the event, written directly
+from its parts. A JSON body that nothing may change (no body masks on its side, no
+MASK_EVENT_MODEL) is copied into that text as the client sent it, once it has been parsed as
+`build` parses it and holds no number too large for a float: the copy parses to the very value
+`build` puts in the event, without the cost of encoding that value again. The text is built
+around the body, never searched, so no body content can move or fake a field.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterable
+from json.encoder import encode_basestring_ascii
 from types import SimpleNamespace
 from typing import Any
 
@@ -56,6 +66,7 @@ _EVENT_TAIL_KEYS = ("session_token", "tags", "user_id", "company_id", "metadata"
                     "weight", "blocked_by", "transaction_id")
 
 _NS_PER_SECOND = 1_000_000_000
+_MILLISECONDS = tuple(f"{millisecond:03d}" for millisecond in range(1000))
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 _JSON_STARTS = (b"{", b"[")
 _MAX_NESTING = 256
@@ -66,6 +77,10 @@ _CACHE_ENTRIES = 1024
 _MISSING = object()
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False).encode
+_quote = encode_basestring_ascii
+"""A str as a JSON string, exactly as `_ENCODE` writes it; TypeError for anything else."""
+_ENCODING_JSON = {encoding: _ENCODE(encoding) for encoding in (None, "json", "base64")}
+_JSON_WHITESPACE = " \t\n\r"
 
 
 class EventDropped(Exception):
@@ -77,16 +92,24 @@ class EventDropped(Exception):
         self.reason = reason
 
 
+_Parts = tuple[Any, ...]
+"""What `EventBuilder._parts` worked out for one call, in the order of its return statement."""
+
+
 class EventBuilder:
-    """Builds Moesif event dicts for one set of options. Everything that depends only on the
+    """Builds Moesif events for one set of options. Everything that depends only on the
     options is worked out once here. Safe to share between threads."""
 
     def __init__(self, options: MoesifOptions) -> None:
         self._api_version = options.API_VERSION
+        self._api_version_json = _json_value(options.API_VERSION)
         self._request_header_masks = _lowercase_set(options.REQUEST_HEADER_MASKS)
         self._response_header_masks = _lowercase_set(options.RESPONSE_HEADER_MASKS)
         self._request_body_decoder = _body_decoder(options.REQUEST_BODY_MASKS)
         self._response_body_decoder = _body_decoder(options.RESPONSE_BODY_MASKS)
+        # Where `encode` copies JSON bodies as they were sent: nothing may change them.
+        self._copy_request_body = not options.REQUEST_BODY_MASKS
+        self._copy_response_body = not options.RESPONSE_BODY_MASKS
         self._authorization_headers = tuple(
             name.strip().upper()
             for name in options.AUTHORIZATION_HEADER_NAME.split(",")
@@ -106,64 +129,124 @@ class EventBuilder:
     def build(self, call: CapturedCall) -> dict[str, Any]:
         """The event for `call`, keys in wire order. Raises EventDropped when it must not be
         sent (MASK_EVENT_MODEL failed, unknown direction, a time out of range)."""
-        if call.direction == INCOMING:
+        event = self._event(self._parts(call, copy=False))
+        if self._mask_event_model is None:
+            return event
+        return self._apply_mask_event_model(event)
+
+    def encode(self, call: CapturedCall) -> bytes:
+        """`build(call)` as JSON text, always valid: compact and ASCII, except inside copied JSON
+        bodies (as the client sent them: UTF-8, its own spacing). A value JSON cannot carry
+        changes only this event (`_json_safe`). Raises EventDropped as `build` does."""
+        if self._mask_event_model is not None:
+            return _serialize_event(self.build(call))
+        parts = self._parts(call, copy=True)
+        try:
+            return self._event_json(parts).encode()
+        except (TypeError, ValueError, RecursionError):
+            return _serialize_event(self._event(parts))
+
+    def _parts(self, call: CapturedCall, copy: bool) -> _Parts:
+        """Every value of the event for `call` but the constants, and each body's JSON text
+        where `_body` knows it (with `copy`, JSON bodies as sent)."""
+        (direction, request_time_ns, response_time_ns, verb, uri, meta_headers, remote_addr,
+         raw_request_body, status, raw_response_headers, raw_response_body, transaction_id,
+         user_id, company_id, session_token, metadata, weight, blocked_by) = call
+        if direction == INCOMING:
             incoming = True
-            headers = self.wire_headers(call.request_headers)
-        elif call.direction == OUTGOING:
+            headers = self.wire_headers(meta_headers)
+        elif direction == OUTGOING:
             incoming = False
-            headers = dict(call.request_headers)
+            headers = dict(meta_headers)
         else:
-            raise EventDropped("unknown direction", repr(call.direction))
+            raise EventDropped("unknown direction", repr(direction))
 
         request_headers = _apply_header_masks(headers, self._request_header_masks)
-        if call.transaction_id:
-            request_headers[TRANSACTION_HEADER] = call.transaction_id
+        if transaction_id:
+            request_headers[TRANSACTION_HEADER] = transaction_id
         response_headers = _apply_header_masks(
-            dict(call.response_headers), self._response_header_masks
+            dict(raw_response_headers), self._response_header_masks
         )
-        request_body, request_encoding = self._body(
-            call.request_body, request_headers, self._request_body_decoder, "request"
+        request_body, request_encoding, request_json = self._body(
+            raw_request_body, request_headers, self._request_body_decoder, "request",
+            copy and self._copy_request_body,
         )
-        response_body, response_encoding = self._body(
-            call.response_body, response_headers, self._response_body_decoder, "response",
+        response_body, response_encoding, response_json = self._body(
+            raw_response_body, response_headers, self._response_body_decoder, "response",
+            copy and self._copy_response_body,
             decoded=not incoming,  # requests has undone Content-Encoding already
         )
-        user_id = call.user_id
         if user_id is None and incoming:
             user_id = self.user_id_from_headers(headers)
+        return (
+            self._format_time(request_time_ns, incoming), uri, verb, request_headers,
+            self.client_ip(headers, remote_addr) if incoming else None, request_body,
+            request_encoding, request_json, self._format_time(response_time_ns, incoming),
+            status, response_headers, response_body, response_encoding, response_json,
+            session_token, user_id, company_id, metadata, direction, weight, blocked_by,
+            transaction_id or str(uuid.uuid4()),
+        )
 
-        event = {
+    def _event(self, parts: _Parts) -> dict[str, Any]:
+        """The event object (before MASK_EVENT_MODEL), keys in wire order."""
+        (request_time, uri, verb, request_headers, ip_address, request_body, request_encoding,
+         request_json, response_time, status, response_headers, response_body,
+         response_encoding, response_json, session_token, user_id, company_id, metadata,
+         direction, weight, blocked_by, transaction_id) = parts
+        return {
             "request": {
-                "time": self._format_time(call.request_time_ns, incoming),
-                "uri": call.uri,
-                "verb": call.verb,
+                "time": request_time,
+                "uri": uri,
+                "verb": verb,
                 "headers": request_headers,
                 "api_version": self._api_version,
-                "ip_address": self.client_ip(headers, call.remote_addr) if incoming else None,
+                "ip_address": ip_address,
                 "body": request_body,
                 "transfer_encoding": request_encoding,
             },
             "response": {
-                "time": self._format_time(call.response_time_ns, incoming),
-                "status": call.status,
+                "time": response_time,
+                "status": status,
                 "headers": response_headers,
                 "body": response_body,
                 "ip_address": None,
                 "transfer_encoding": response_encoding,
             },
-            "session_token": call.session_token,
+            "session_token": session_token,
             "tags": None,
             "user_id": user_id,
-            "company_id": call.company_id,
-            "metadata": call.metadata,
-            "direction": call.direction,
-            "weight": call.weight,
-            "blocked_by": call.blocked_by,
-            "transaction_id": call.transaction_id or str(uuid.uuid4()),
+            "company_id": company_id,
+            "metadata": metadata,
+            "direction": direction,
+            "weight": weight,
+            "blocked_by": blocked_by,
+            "transaction_id": transaction_id,
         }
-        if self._mask_event_model is None:
-            return event
-        return self._apply_mask_event_model(event)
+
+    def _event_json(self, parts: _Parts) -> str:
+        """The JSON text of `_event(parts)`, written directly: what `_ENCODE` would give, but
+        with the bodies' JSON texts from `_body` (copied JSON bodies as sent). Raises TypeError,
+        ValueError or RecursionError where `_ENCODE` would (a value JSON cannot carry)."""
+        (request_time, uri, verb, request_headers, ip_address, request_body, request_encoding,
+         request_json, response_time, status, response_headers, response_body,
+         response_encoding, response_json, session_token, user_id, company_id, metadata,
+         direction, weight, blocked_by, transaction_id) = parts
+        return (
+            f'{{"request":{{"time":"{request_time}","uri":{_quote(uri)},"verb":{_quote(verb)},'
+            f'"headers":{_string_map_json(request_headers)},'
+            f'"api_version":{self._api_version_json},"ip_address":{_json_value(ip_address)},'
+            f'"body":{request_json or _json_value(request_body)},'
+            f'"transfer_encoding":{_ENCODING_JSON[request_encoding]}}},'
+            f'"response":{{"time":"{response_time}","status":{_json_value(status)},'
+            f'"headers":{_string_map_json(response_headers)},'
+            f'"body":{response_json or _json_value(response_body)},"ip_address":null,'
+            f'"transfer_encoding":{_ENCODING_JSON[response_encoding]}}},'
+            f'"session_token":{_json_value(session_token)},"tags":null,'
+            f'"user_id":{_json_value(user_id)},"company_id":{_json_value(company_id)},'
+            f'"metadata":{_json_value(metadata)},"direction":{_quote(direction)},'
+            f'"weight":{_json_value(weight)},"blocked_by":{_json_value(blocked_by)},'
+            f'"transaction_id":{_quote(transaction_id)}}}'
+        )
 
     def _format_time(self, time_ns: int, incoming: bool) -> str:
         """UTC, no zone: 3 fractional digits for incoming calls, 6 for outgoing (§1.4)."""
@@ -176,42 +259,51 @@ class EventBuilder:
                 raise EventDropped("time out of range", str(time_ns)) from exc
             self._formatted_second = (second, text)
         if incoming:
-            return f"{text}.{fraction_ns // 1_000_000:03d}"
+            return f"{text}.{_MILLISECONDS[fraction_ns // 1_000_000]}"
         return f"{text}.{fraction_ns // 1_000:06d}"
 
     def _body(
         self, raw: Body, headers: dict[str, str], decoder: json.JSONDecoder, side: str,
-        decoded: bool = False,
-    ) -> tuple[Any, str | None]:
-        """(body, transfer_encoding) for a captured body, per reference §2.2. `decoded`: the
-        bytes are already free of their Content-Encoding (an outgoing response)."""
+        copy: bool, decoded: bool = False,
+    ) -> tuple[Any, str | None, str | None]:
+        """(body, transfer_encoding, body JSON) for a captured body, per reference §2.2. The
+        body JSON is its JSON text where that is known without encoding the body: base64 text,
+        and with `copy` a JSON body as sent, unless it holds a number too large for a float
+        (parsed: infinity, which `_json_safe` sends as null). `decoded`: the bytes are already
+        free of their Content-Encoding (an outgoing response)."""
         if type(raw) is int:
             return self._not_captured(
                 f"{side} body of {raw} bytes not captured: it is larger than MAX_BODY_SIZE"
             )
         if not raw:
-            return None, None
+            return None, None, None
         if not decoded and "gzip" in _header_value(headers, "content-encoding").lower():
             try:
                 decompressed = _gunzip(raw, self._max_body_size)
             except zlib.error:
-                return _base64(raw), "base64"
+                return _base64_body(raw)
             if decompressed is None:
                 return self._not_captured(
                     f"{side} body not captured: it decompresses to more than MAX_BODY_SIZE"
                 )
-            return (_base64(decompressed), "base64") if decompressed else (None, None)
+            return _base64_body(decompressed) if decompressed else (None, None, None)
         if raw[:1] in _JSON_STARTS:
             try:
-                return decoder.decode(raw.decode()), "json"
+                text = raw.decode()
+                if copy:
+                    try:
+                        return _parse_json(_COPY_DECODER, text), "json", text
+                    except _FloatOverflow:
+                        pass
+                return _parse_json(decoder, text), "json", None
             except (ValueError, RecursionError):
                 pass
-        return _base64(raw), "base64"
+        return _base64_body(raw)
 
-    def _not_captured(self, why: str) -> tuple[dict[str, str], str]:
-        return {"msg": f"{why} ({self._max_body_size} bytes)"}, "json"
+    def _not_captured(self, why: str) -> tuple[dict[str, str], str, None]:
+        return {"msg": f"{why} ({self._max_body_size} bytes)"}, "json", None
 
-    def wire_headers(self, meta_headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    def wire_headers(self, meta_headers: Iterable[tuple[str, Any]]) -> dict[str, Any]:
         """Incoming request headers by the names the reference sends (§2.3), from META keys.
         The middleware uses this (with client_ip and user_id_from_headers) for governance and
         sampling facts, so they follow exactly the rules of the event."""
@@ -241,6 +333,8 @@ class EventBuilder:
     def client_ip(self, headers: dict[str, str], remote_addr: str | None) -> str | None:
         """The first client-IP header holding a valid address (§2.4), else REMOTE_ADDR. A header
         with no valid address falls through to the next one (the reference's W9 bug fixed)."""
+        if headers.keys().isdisjoint(_IP_HEADERS):  # the usual case, in one C-level look
+            return remote_addr
         for name in _IP_HEADERS:
             value = headers.get(name)
             if not value:
@@ -276,20 +370,37 @@ class EventBuilder:
         return event
 
 
-def serialize_batch(events: list[dict[str, Any]]) -> bytes:
-    """The JSON array of `events`: compact, ASCII only, always valid JSON. An event holding a
-    value JSON cannot carry is sent as a JSON-safe copy (`_json_safe`); the others unchanged."""
-    try:
-        return _ENCODE(events).encode()
-    except (TypeError, ValueError, RecursionError):
-        return b"[" + b",".join(map(_serialize_event, events)) + b"]"
+def serialize_batch(events: list[bytes]) -> bytes:
+    """The JSON array of events encoded by `EventBuilder.encode`."""
+    return b"[" + b",".join(events) + b"]"
 
 
 def _serialize_event(event: dict[str, Any]) -> bytes:
+    """`event` as compact ASCII JSON; if it holds a value JSON cannot carry, a JSON-safe copy
+    of it (`_json_safe`)."""
     try:
         return _ENCODE(event).encode()
     except (TypeError, ValueError, RecursionError):
         return _ENCODE(_json_safe(event, 0, set())).encode()
+
+
+def _json_value(value: Any) -> str:
+    """`_ENCODE(value)`, quicker for the usual scalars."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return _quote(value)
+    if type(value) is int:
+        return f"{value}"
+    return _ENCODE(value)
+
+
+def _string_map_json(mapping: dict[str, str]) -> str:
+    """`_ENCODE(mapping)` for a map of strings (headers); TypeError for any other key or value."""
+    if not mapping:
+        return "{}"
+    pairs = [f"{_quote(name)}:{_quote(value)}" for name, value in mapping.items()]
+    return "{" + ",".join(pairs) + "}"
 
 
 def json_safe(value: Any) -> Any:
@@ -411,6 +522,8 @@ def _apply_header_masks(
 
 
 def _header_value(headers: dict[str, str], lowercase_name: str) -> str:
+    if lowercase_name not in "\n".join(headers).lower():  # mostly: one C-level look
+        return ""
     for name, value in headers.items():
         if name.lower() == lowercase_name:
             return value
@@ -419,6 +532,13 @@ def _header_value(headers: dict[str, str], lowercase_name: str) -> str:
 
 def _base64(data: bytes | bytearray | memoryview) -> str:
     return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+def _base64_body(data: bytes) -> tuple[str, str, str]:
+    """(body, transfer_encoding, body JSON) of a body sent as base64, whose characters need no
+    escaping in JSON."""
+    text = _base64(data)
+    return text, "base64", f'"{text}"'
 
 
 def _gunzip(data: bytes, limit: int) -> bytes | None:
@@ -457,6 +577,31 @@ def _body_decoder(masks: list[str] | None) -> json.JSONDecoder:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+class _FloatOverflow(Exception):
+    """A number too large for a float: parsed, it is infinity, which JSON cannot carry."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _FloatOverflow(text)
+    return value
+
+
+_COPY_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+"""Accepts exactly what `_body_decoder(None)` accepts, except numbers that would parse to
+infinity (_FloatOverflow): its text parses back to the very value it returned."""
+
+
+def _parse_json(decoder: json.JSONDecoder, text: str) -> Any:
+    """`decoder.decode(text)` for a text that starts with its value (no leading whitespace),
+    without its two regular-expression calls. Raises ValueError."""
+    value, end = decoder.raw_decode(text)
+    if end != len(text) and text[end:].strip(_JSON_WHITESPACE):
+        raise ValueError(f"extra data at char {end}")
+    return value
 
 
 def _address_in_header(name: str, value: str) -> str | None:

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import json
 import marshal
+from itertools import chain, product
+from operator import itemgetter
+from types import NoneType
 from typing import Any, NamedTuple
 
 CALL_V1 = b"C"
@@ -57,6 +60,16 @@ class CapturedCall(NamedTuple):
 
 
 FIELD_COUNT = len(CapturedCall._fields)
+_TYPED_FIELDS = itemgetter(*range(12), 16, 17)
+"""The fields whose type is fixed (all but the callback results user_id … metadata)."""
+_FIELD_TYPES = frozenset(
+    (str, int, int, str, str, tuple, remote_addr, request_body, int, tuple, response_body,
+     transaction_id, int, blocked_by)
+    for remote_addr, transaction_id, blocked_by in product((str, NoneType), repeat=3)
+    for request_body, response_body in product((bytes, int, NoneType), repeat=2)
+)
+"""Every allowed tuple of the types of `_TYPED_FIELDS`: one set lookup checks a record."""
+_PAIR_LENGTH = frozenset((2,))
 
 
 def encode_call(fields: tuple) -> bytes:
@@ -93,33 +106,18 @@ def decode(payload: bytes) -> CapturedCall | EntityUpdate | None:
         return None
     try:
         fields = marshal.loads(payload[1:])
-    except (ValueError, EOFError, TypeError):
+    except (ValueError, EOFError, TypeError, MemoryError):  # MemoryError: a damaged length
         return None
-    if type(fields) is not tuple or len(fields) != FIELD_COUNT:
+    if (type(fields) is not tuple or len(fields) != FIELD_COUNT
+            or tuple(map(type, _TYPED_FIELDS(fields))) not in _FIELD_TYPES):
         return None
-    call = CapturedCall._make(fields)
-    request_headers = _header_pairs(call.request_headers)
-    if request_headers is None:
-        return None
-    if request_headers is not call.request_headers:
-        call = call._replace(request_headers=request_headers)
-    if not (
-        isinstance(call.direction, str)
-        and type(call.request_time_ns) is int
-        and type(call.response_time_ns) is int
-        and isinstance(call.verb, str)
-        and isinstance(call.uri, str)
-        and _is_pairs(call.response_headers)
-        and type(call.status) is int
-        and type(call.weight) is int
-        and (call.remote_addr is None or type(call.remote_addr) is str)
-        and (call.transaction_id is None or type(call.transaction_id) is str)
-        and (call.blocked_by is None or type(call.blocked_by) is str)
-        and _is_body(call.request_body)
-        and _is_body(call.response_body)
-    ):
-        return None
-    return call
+    request_headers, response_headers = fields[5], fields[9]
+    if not _are_string_pairs(request_headers + response_headers):
+        flat_headers = _header_pairs(request_headers)
+        if flat_headers is None or not _are_string_pairs(response_headers):
+            return None
+        fields = fields[:5] + (flat_headers,) + fields[6:]
+    return CapturedCall._make(fields)
 
 
 class EntityUpdate(NamedTuple):
@@ -130,7 +128,7 @@ class EntityUpdate(NamedTuple):
 def _decode_entity(payload: bytes) -> EntityUpdate | None:
     try:
         fields = marshal.loads(payload[1:])
-    except (ValueError, EOFError, TypeError):
+    except (ValueError, EOFError, TypeError, MemoryError):
         return None
     if (type(fields) is tuple and len(fields) == 2 and fields[0] in ENTITY_KINDS
             and type(fields[1]) is dict):
@@ -138,27 +136,30 @@ def _decode_entity(payload: bytes) -> EntityUpdate | None:
     return None
 
 
-def _is_body(value: object) -> bool:
-    return value is None or type(value) in (bytes, int)
+def _are_string_pairs(pairs: tuple) -> bool:
+    """Whether `pairs` holds only (str, str) tuples. (C-level passes over the pairs: this runs
+    for every record in the shipper.)"""
+    try:
+        "".join(chain.from_iterable(pairs))  # TypeError unless every item is a string
+        return set(map(tuple.__len__, pairs)) <= _PAIR_LENGTH  # TypeError unless all tuples
+    except TypeError:
+        return False
 
 
-def _header_pairs(value: object) -> tuple[tuple[str, str], ...] | None:
+def _header_pairs(pairs: tuple) -> tuple[tuple[str, str], ...] | None:
     """Request headers with string values, as the reference flattens them (None → "", other
-    values → JSON), or None when they are not (name, value) pairs. A WSGI server or an earlier
-    middleware may put non-string values in META; the worker copies them as they are.
-    (Checked with C-level map/set: this runs for every record in the shipper.)"""
-    if type(value) is not tuple:
-        return None
-    if not value:
-        return value
-    if set(map(type, value)) != {tuple} or set(map(len, value)) != {2}:
-        return None
-    names, values = zip(*value, strict=True)
-    if set(map(type, names)) != {str}:
-        return None
-    if set(map(type, values)) == {str}:
-        return value
-    return tuple((name, _flat(header)) for name, header in value)
+    values → JSON), or None when they are not (name, value) pairs with string names or a value
+    cannot be written. A WSGI server or an earlier middleware may put non-string values in
+    META; the worker copies them as they are."""
+    flat = []
+    for pair in pairs:
+        if type(pair) is not tuple or len(pair) != 2 or type(pair[0]) is not str:
+            return None
+        try:
+            flat.append((pair[0], _flat(pair[1])))
+        except RecursionError:  # nested too deep to write (marshal carries deeper than JSON)
+            return None
+    return tuple(flat)
 
 
 def _flat(value: object) -> str:
@@ -170,7 +171,3 @@ def _flat(value: object) -> str:
         return json.dumps(value)
     except (TypeError, ValueError):
         return str(value)
-
-
-def _is_pairs(value: object) -> bool:
-    return type(value) is tuple and (not value or _header_pairs(value) is value)

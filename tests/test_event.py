@@ -1,5 +1,6 @@
 """CapturedCall → Moesif event (`moesif_fast.event`): every rule of the reference's §1.4 and §2,
-the corrected weak points, and the batch serializer."""
+the corrected weak points, the event's JSON text (JSON bodies copied as sent) and the batch; and
+the record decoding in front of it (`moesif_fast.record.decode`)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moesif_fast.event import EventBuilder, EventDropped, serialize_batch
-from moesif_fast.record import CapturedCall
+from moesif_fast.event import EventBuilder, EventDropped, json_safe, serialize_batch
+from moesif_fast.record import CALL_V1, CapturedCall, decode, encode_call
 from moesif_fast.settings import MoesifOptions
 
 T0_NS = 1_795_510_036_321_000_000  # 2026-11-24T08:47:16.321 UTC
@@ -130,7 +131,10 @@ def test_keys_in_wire_order_and_always_present() -> None:
     assert list(event) == EVENT_KEYS
     assert list(event["request"]) == REQUEST_KEYS
     assert list(event["response"]) == RESPONSE_KEYS
-    assert list(json.loads(serialize_batch([event]))[0]) == EVENT_KEYS
+    sent = json.loads(serialize_batch([EventBuilder(MoesifOptions()).encode(make_call())]))[0]
+    assert list(sent) == EVENT_KEYS
+    assert list(sent["request"]) == REQUEST_KEYS
+    assert list(sent["response"]) == RESPONSE_KEYS
 
 
 def test_plain_fields() -> None:
@@ -686,6 +690,23 @@ def strict_loads(data: bytes) -> Any:
     return json.loads(data, parse_constant=no_constants)
 
 
+def sent_the_old_way(event: dict[str, Any]) -> Any:
+    """What reached the collector for `event` before events were written as JSON text: the
+    event object encoded, or its JSON-safe copy when it held a value JSON cannot carry."""
+    try:
+        text = json.dumps(event, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        text = json.dumps(json_safe(event), allow_nan=False)
+    return strict_loads(text)
+
+
+def sent(call: CapturedCall, **options: Any) -> tuple[Any, Any, bytes]:
+    """(what `encode` sends, parsed; what the event of `build` sent, parsed; the batch)."""
+    builder = EventBuilder(MoesifOptions(**options))
+    data = serialize_batch([builder.encode(call)])
+    return strict_loads(data)[0], sent_the_old_way(builder.build(call)), data
+
+
 class Unprintable:
     def __str__(self) -> str:
         raise RuntimeError("no")
@@ -723,9 +744,12 @@ for _ in range(2_000):
 )
 def test_serialize_batch_makes_only_the_bad_event_safe(metadata: Any, expected: Any) -> None:
     builder = EventBuilder(MoesifOptions())
-    good = builder.build(make_call(metadata={"n": 1}, transaction_id=TX))
-    bad = builder.build(make_call(metadata=metadata, transaction_id=TX))
-    parsed = strict_loads(serialize_batch([good, bad, good]))
+    good_call = make_call(metadata={"n": 1}, transaction_id=TX, response_body=b'{"ok": 1}')
+    good = builder.build(good_call)
+    encoded_good = builder.encode(good_call)
+    bad = builder.encode(make_call(metadata=metadata, transaction_id=TX,
+                                   response_body=b'{"ok": 1}'))
+    parsed = strict_loads(serialize_batch([encoded_good, bad, encoded_good]))
     assert parsed[0] == good
     assert parsed[2] == good
     assert parsed[1]["metadata"] == expected
@@ -735,7 +759,7 @@ def test_serialize_batch_makes_only_the_bad_event_safe(metadata: Any, expected: 
 
 
 def test_serialize_batch_cuts_nesting_too_deep_for_json() -> None:
-    event = build(make_call(metadata=DEEP))
+    event = EventBuilder(MoesifOptions()).encode(make_call(metadata=DEEP))
     metadata = strict_loads(serialize_batch([event]))[0]["metadata"]
     depth = 0
     while isinstance(metadata, list):
@@ -746,16 +770,138 @@ def test_serialize_batch_cuts_nesting_too_deep_for_json() -> None:
 
 
 def test_serialize_batch_is_compact_ascii_json() -> None:
-    event = build(make_call(metadata={"name": "J\u00fcrgen \ud800"}, transaction_id=TX))
-    data = serialize_batch([event])
+    call = make_call(metadata={"name": "J\u00fcrgen \ud800"}, transaction_id=TX,
+                     request_headers=(("HTTP_X_NAME", "J\u00fcrgen \"q\" \\ \x7f"),),
+                     response_body=b"\xff binary")
+    data = serialize_batch([EventBuilder(MoesifOptions()).encode(call)])
     assert data.isascii()
     assert b", " not in data
     assert b": " not in data
-    assert strict_loads(data) == [event]
+    assert strict_loads(data) == [build(call)]
 
 
 def test_serialize_empty_batch() -> None:
     assert serialize_batch([]) == b"[]"
+
+
+# --- JSON bodies copied as sent --------------------------------------------------------------
+
+JSON_LEAVES = (
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+    | st.sampled_from(["", "\\", '"', "\x00\x1f\x7f", "\u2028\u2029", "\U0001f600", "</script>",
+                       '"},"status":999,"x":{"', "\\u0000"])
+)
+JSON_DOCUMENTS = st.recursive(
+    JSON_LEAVES,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=4),
+    max_leaves=25,
+).map(lambda value: value if isinstance(value, list | dict) else [value])
+RAW_LITERALS = st.sampled_from([
+    "1E2", "-0", "-0.0", "1e-400", "1.7976931348623157e308", "0.1000000000000000055511151231257827",
+    "123456789012345678901234567890", "5e-324", '"\\u00e9\\/\\ud83d\\ude00"', '"\\ud800"',
+    '"\u00e9"', "[]", "{}", "[ ]", "{ }", "[[[]]]", '{"a":1,"a":2}', "true", "null",
+])
+
+
+def _written(document: Any, ensure_ascii: bool, indent: int | str | None,
+             separators: tuple[str, str] | None, trailing: str) -> bytes:
+    return (json.dumps(document, ensure_ascii=ensure_ascii, indent=indent,
+                       separators=separators) + trailing).encode()
+
+
+JSON_BODIES = st.builds(
+    _written, JSON_DOCUMENTS, st.booleans(), st.sampled_from([None, 0, 2, "\t"]),
+    st.sampled_from([None, (",", ":"), (" ,\n", " :\t")]),
+    st.sampled_from(["", " ", "\n", "\r\n\t "]),
+) | st.lists(RAW_LITERALS, min_size=1, max_size=6).map(
+    lambda items: f"[{', '.join(items)}]".encode())
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=JSON_BODIES, side=st.sampled_from(["request", "response"]),
+       direction=st.sampled_from(["Incoming", "Outgoing"]))
+def test_a_copied_json_body_parses_to_the_value_the_event_had(
+    body: bytes, side: str, direction: str
+) -> None:
+    call = make_call(direction=direction, transaction_id=TX, **{f"{side}_body": body})
+    parsed, expected, data = sent(call)
+    assert parsed == expected
+    assert parsed[side]["transfer_encoding"] == "json"
+    assert body in data  # copied as sent, not re-encoded
+
+
+@pytest.mark.parametrize(
+    ("body", "options", "expected_body", "expected_encoding", "copied"),
+    [
+        pytest.param(b'{"a": [1, 2.5, "\xc3\xa9"]}  ', {}, {"a": [1, 2.5, "\u00e9"]}, "json", True,
+                     id="utf8-and-spacing-kept"),
+        pytest.param(b"[NaN, Infinity]", {}, b64(b"[NaN, Infinity]"), "base64", False,
+                     id="nan-literal-is-base64"),
+        pytest.param(b"[-Infinity]", {}, b64(b"[-Infinity]"), "base64", False,
+                     id="minus-infinity-literal-is-base64"),
+        pytest.param(b'{"a": "\xff"}', {}, b64(b'{"a": "\xff"}'), "base64", False,
+                     id="not-utf8-is-base64"),
+        pytest.param(b'{"a": "\xed\xa0\x80"}', {}, b64(b'{"a": "\xed\xa0\x80"}'), "base64",
+                     False, id="utf8-encoded-surrogate-is-base64"),
+        pytest.param(b'{"a": 1} x', {}, b64(b'{"a": 1} x'), "base64", False,
+                     id="extra-data-is-base64"),
+        pytest.param(b'{"a": 1}\x0c', {}, b64(b'{"a": 1}\x0c'), "base64", False,
+                     id="form-feed-is-not-json-whitespace"),
+        pytest.param(b'["a\tb"]', {}, b64(b'["a\tb"]'), "base64", False,
+                     id="raw-control-character-in-string-is-base64"),
+        pytest.param(b"[1e400, -1e999, 2]", {}, [None, None, 2], "json", False,
+                     id="float-overflow-sent-as-null-as-before"),
+        pytest.param(b'{"keep": 1, "secret": {"secret": 2, "x": 3}}',
+                     {"REQUEST_BODY_MASKS": ["secret"]}, {"keep": 1}, "json", False,
+                     id="masked-keys-removed-not-copied"),
+        pytest.param(b'{"keep": 1, "secret": 2}', {"RESPONSE_BODY_MASKS": ["secret"]},
+                     {"keep": 1, "secret": 2}, "json", True,
+                     id="masks-of-the-other-side-still-copy"),
+        pytest.param(b'{"a": 1, "a": 2}', {}, {"a": 2}, "json", True,
+                     id="duplicate-keys-last-wins-as-parsed"),
+        pytest.param(b"[" * 300 + b"]" * 300, {}, json.loads(b"[" * 300 + b"]" * 300), "json",
+                     True, id="nested-300-deep-kept-whole"),
+        pytest.param(b'{"x": "\\"}, \\"status\\": 999, \\"body\\": {"}', {},
+                     {"x": '"}, "status": 999, "body": {'}, "json", True,
+                     id="text-that-looks-like-event-structure"),
+    ],
+)
+def test_json_body_edge_cases(
+    body: bytes, options: dict[str, Any], expected_body: Any, expected_encoding: str,
+    copied: bool,
+) -> None:
+    parsed, expected, data = sent(make_call(request_body=body, transaction_id=TX), **options)
+    assert parsed == expected
+    assert parsed["request"]["body"] == expected_body
+    assert parsed["request"]["transfer_encoding"] == expected_encoding
+    assert (body in data) == copied
+    assert parsed["response"]["status"] == 200
+
+
+def test_mask_event_model_sees_the_parsed_body_and_its_change_is_sent() -> None:
+    def mask(event: Any) -> Any:
+        event.request.body["card"] = "****"
+        return event
+
+    call = make_call(request_body=b'{"card": "4111", "n": 1}', transaction_id=TX)
+    parsed, expected, data = sent(call, MASK_EVENT_MODEL=mask)
+    assert parsed == expected
+    assert parsed["request"]["body"] == {"card": "****", "n": 1}
+    assert b"4111" not in data
+
+
+@pytest.mark.parametrize("metadata", [{"at": datetime.date(2026, 1, 2)}, {"x": math.nan}, CYCLE],
+                         ids=["date", "nan", "cycle"])
+def test_a_value_json_cannot_carry_makes_the_event_safe_with_its_parsed_body(
+    metadata: Any,
+) -> None:
+    body = b'{"deep": ' + b"[" * 300 + b"]" * 300 + b', "n": 1}'
+    parsed, expected, _ = sent(make_call(request_body=body, response_body=b'[1, {"b": 2}]',
+                                         metadata=metadata, transaction_id=TX))
+    assert parsed == expected  # what _json_safe makes of the whole event, the bodies included
+    assert parsed["response"]["body"] == [1, {"b": 2}]
 
 
 # --- property --------------------------------------------------------------------------------
@@ -853,13 +999,17 @@ def test_build_and_serialize_never_fail_and_give_the_wire_shape(
 ) -> None:
     builder = EventBuilder(options)
     try:
-        event = builder.build(call)
+        event = builder.encode(call)
     except EventDropped:
         return
-    good = builder.build(make_call(transaction_id=TX))
-    parsed = strict_loads(serialize_batch([event, good]))
-    assert parsed[1] == good
+    good_call = make_call(transaction_id=TX)
+    parsed = strict_loads(serialize_batch([event, builder.encode(good_call)]))
+    assert parsed[1] == builder.build(good_call)
     sent = parsed[0]
+    expected = sent_the_old_way(builder.build(call))
+    if not call.transaction_id:  # a fresh uuid4 per event
+        expected["transaction_id"] = sent["transaction_id"]
+    assert sent == expected
     assert list(sent) == EVENT_KEYS
     assert list(sent["request"]) == REQUEST_KEYS
     assert list(sent["response"]) == RESPONSE_KEYS
@@ -875,3 +1025,106 @@ def test_build_and_serialize_never_fail_and_give_the_wire_shape(
     assert sent["weight"] == call.weight
     assert isinstance(sent["transaction_id"], str)
     assert sent["transaction_id"]
+
+
+# --- record decoding -------------------------------------------------------------------------
+
+RECORD_FIELDS = (
+    "Incoming", T0_NS, T0_NS + 1_000_000, "POST", "http://h/p", (("HTTP_X_A", "a"),), "10.0.0.1",
+    b'{"a": 1}', 201, (("Content-Type", "application/json"),), b"[]", TX, "u", 7, None,
+    {"m": [1]}, 1, None,
+)
+
+
+def test_a_record_decodes_to_its_call() -> None:
+    assert decode(encode_call(RECORD_FIELDS)) == CapturedCall(*RECORD_FIELDS)
+
+
+def test_request_header_values_that_are_not_strings_are_flattened() -> None:
+    headers = (("HTTP_X_A", 5), ("HTTP_X_B", None), ("HTTP_X_C", [1, "x"]), ("HTTP_X_D", "d"))
+    call = decode(encode_call(RECORD_FIELDS[:5] + (headers,) + RECORD_FIELDS[6:]))
+    assert call.request_headers == (("HTTP_X_A", "5"), ("HTTP_X_B", ""),
+                                    ("HTTP_X_C", '[1, "x"]'), ("HTTP_X_D", "d"))
+
+
+def test_a_header_value_nested_too_deep_to_write_is_not_decoded() -> None:
+    deep: Any = []
+    for _ in range(1_500):  # deeper than JSON (or repr) can write, not than marshal can carry
+        deep = [deep]
+    headers = (("HTTP_X_A", deep),)
+    assert decode(encode_call(RECORD_FIELDS[:5] + (headers,) + RECORD_FIELDS[6:])) is None
+
+
+def _with(index: int, value: Any) -> bytes:
+    return encode_call(RECORD_FIELDS[:index] + (value,) + RECORD_FIELDS[index + 1:])
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"X" + encode_call(RECORD_FIELDS)[1:], id="unknown-kind"),
+        pytest.param(encode_call(RECORD_FIELDS)[:-3], id="truncated"),
+        pytest.param(encode_call(RECORD_FIELDS[:-1]), id="too-few-fields"),
+        pytest.param(CALL_V1 + b"\x00garbage", id="not-marshal"),
+        pytest.param(encode_call(list(RECORD_FIELDS)), id="a-list"),  # type: ignore[arg-type]
+        pytest.param(_with(0, b"Incoming"), id="direction-bytes"),
+        pytest.param(_with(1, True), id="time-bool"),
+        pytest.param(_with(2, 1.5), id="time-float"),
+        pytest.param(_with(4, None), id="uri-none"),
+        pytest.param(_with(5, [("HTTP_X_A", "a")]), id="request-headers-list"),
+        pytest.param(_with(5, ("ab",)), id="request-header-a-string"),
+        pytest.param(_with(5, (["HTTP_X_A", "a"],)), id="request-header-a-list"),
+        pytest.param(_with(5, (("HTTP_X_A", "a", "b"),)), id="request-header-three-items"),
+        pytest.param(_with(5, ((5, "a"),)), id="request-header-name-int"),
+        pytest.param(_with(6, 10), id="remote-addr-int"),
+        pytest.param(_with(7, 1.5), id="body-float"),
+        pytest.param(_with(7, "text"), id="body-str"),
+        pytest.param(_with(8, "200"), id="status-str"),
+        pytest.param(_with(8, False), id="status-bool"),
+        pytest.param(_with(9, (("Content-Type", 5),)), id="response-header-value-int"),
+        pytest.param(_with(9, ((None, "x"),)), id="response-header-name-none"),
+        pytest.param(_with(9, (("a",),)), id="response-header-one-item"),
+        pytest.param(_with(10, ["x"]), id="response-body-list"),
+        pytest.param(_with(11, 5), id="transaction-id-int"),
+        pytest.param(_with(16, "1"), id="weight-str"),
+        pytest.param(_with(17, b"rule"), id="blocked-by-bytes"),
+    ],
+)
+def test_a_malformed_record_is_not_decoded(payload: bytes) -> None:
+    assert decode(payload) is None
+
+
+MARSHAL_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
+    | st.binary(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.lists(inner, max_size=3).map(tuple)
+    | st.dictionaries(st.text(max_size=3), inner, max_size=2),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(changes=st.dictionaries(st.integers(min_value=0, max_value=len(RECORD_FIELDS) - 1),
+                               MARSHAL_VALUES, min_size=1, max_size=3))
+def test_a_record_with_any_fields_is_rejected_or_gives_an_event_of_the_wire_shape(
+    changes: dict[int, Any],
+) -> None:
+    fields = tuple(changes.get(index, value) for index, value in enumerate(RECORD_FIELDS))
+    call = decode(encode_call(fields))
+    if call is None:
+        return
+    builder = EventBuilder(MoesifOptions())
+    try:
+        event = strict_loads(serialize_batch([builder.encode(call)]))[0]
+    except EventDropped:
+        return
+    assert list(event) == EVENT_KEYS
+    for side in ("request", "response"):
+        assert isinstance(event[side]["time"], str)
+        headers = event[side]["headers"]
+        assert all(isinstance(value, str) for value in headers.values())
+    assert all(isinstance(event["request"][key], str) for key in ("uri", "verb"))
+    assert type(event["response"]["status"]) is int
+    assert type(event["weight"]) is int
+    assert isinstance(event["transaction_id"], str)

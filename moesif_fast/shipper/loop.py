@@ -152,7 +152,7 @@ class Shipper:
                 updates.append(record)
             else:
                 try:
-                    events.append(self.builder.build(record))
+                    events.append(self.builder.encode(record))
                 except EventDropped:
                     self.counters.masked_out += 1
                 except Exception:
