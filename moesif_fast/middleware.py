@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import marshal
 import operator
 import random
 import re
@@ -31,7 +30,7 @@ from django.utils.functional import SimpleLazyObject
 from . import entities, outgoing, settings
 from .event import EventBuilder
 from .policy import FULL_RATE, Policy, RequestFacts, Ruling
-from .record import CALL_V1, encode_call_safely
+from .record import encode_call_safely
 from .sink import EventSink
 
 logger = logging.getLogger("moesif_fast")
@@ -312,10 +311,7 @@ class MoesifMiddleware:
             options.GET_METADATA and self._callback(options.GET_METADATA, request, response),
             1 if rate >= FULL_RATE else Policy.weight(rate), blocked_by,
         )
-        try:
-            payload = CALL_V1 + marshal.dumps(fields)
-        except ValueError:  # a value marshal refuses, from the WSGI server or a callback
-            payload = encode_call_safely(fields)
+        payload = encode_call_safely(fields)
         if len(payload) > self._sink.max_record:  # too big for the ring: keep the event,
             fields = fields[:7] + (_size(request_body),) + fields[8:10] + (  # mark the bodies
                 _size(response_body),) + fields[11:]
