@@ -2,7 +2,7 @@
 
 It serves the collector endpoints of Moesif's API on loopback (events, users, companies,
 subscriptions, config, rules, health probe), so the project's tests, the demo and curious users
-can see exactly what would be sent. Standard library only.
+can see exactly what would be sent. Standard library and orjson only.
 
 Ingestion (`POST /v1/...`):
 - bodies may be gzip (`Content-Encoding: gzip`) or plain, with a Content-Length (chunked is
@@ -85,6 +85,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs
+
+import orjson
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +308,14 @@ def check_each(items: list[Any], check: Callable[[Any], None]) -> None:
 
 
 def parse_json(text: str) -> Any:
+    """The JSON value of `text`, by orjson when it accepts the text (3 times the speed), else
+    by json, which also takes NaN, Infinity and lone surrogate escapes and words the errors.
+    (orjson also takes nesting from json's recursion limit up to 1024 levels, and gives
+    integers past 64 bits as floats.)"""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as error:
