@@ -339,10 +339,6 @@ def _serialize_event(event: dict[str, Any]) -> bytes:
         return _ENCODE(_json_safe(event, 0, set())).encode()
 
 
-
-
-
-
 def json_safe(value: Any) -> Any:
     """A copy of `value` that JSON can carry (see _json_safe); the worker uses it too."""
     return _json_safe(value, 0, set())
