@@ -1,14 +1,29 @@
-"""Fixtures shared by the benchmarks."""
+"""Fixtures shared by the benchmarks, and a summary of their results after pytest-benchmark's
+table (for results that are not one timing, such as the gunicorn ratios)."""
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from moesif_fast import ringfile
 from moesif_fast.demo.run import start_collector, stop
 from moesif_fast.ringbuffer import Geometry, Reader, RingFile
+
+_SUMMARY = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Add a line to the summary printed at the end of the run."""
+    return request.config.stash.setdefault(_SUMMARY, []).append
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    for line in config.stash.get(_SUMMARY, []):
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ..settings import MoesifOptions
 from ..stats import collect, find_rings
 
 APPLICATION_ID = "demo-application-id"
@@ -96,9 +97,12 @@ def stop(process: subprocess.Popen[str], timeout: float = 60.0) -> int:
 def run_demo(total_requests: int, workers: int) -> int:
     import requests
 
-    with tempfile.TemporaryDirectory(prefix="moesif-fast-demo-") as directory:
+    ring_dir = MoesifOptions().ring_dir  # the ring where it lives by default (tmpfs)
+    with tempfile.TemporaryDirectory(prefix="moesif-fast-demo-") as directory, \
+            tempfile.TemporaryDirectory(prefix="moesif-fast-demo-", dir=ring_dir) as rings_in:
         collector, collector_url = start_collector(directory)
-        server, server_url = start_gunicorn(directory, collector_url, workers=workers)
+        server, server_url = start_gunicorn(directory, collector_url, workers=workers,
+                                            options={"RING_DIR": rings_in})
         print(f"collector  {collector_url}   (what would be sent to Moesif is stored there)")
         print(f"example API {server_url} under gunicorn, {workers} workers, "
               f"hooks from {gunicorn_config()}")
@@ -123,7 +127,7 @@ def run_demo(total_requests: int, workers: int) -> int:
             elapsed = time.monotonic() - started
             print(f"\n  {answered / elapsed:.0f} requests/s from one client; stopping gunicorn "
                   "(SIGTERM) ...")
-            rings = find_rings(directory)
+            rings = find_rings(rings_in)
             captured = collect(rings[0]) if rings else {"appended": 0, "dropped": 0}
         finally:
             exit_code = stop(server)
