@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from moesif_fast.event import EventBuilder, serialize_batch
-from moesif_fast.record import CapturedCall, decode, encode_call
+from moesif_fast.record import CapturedCall, decode, encode_call, header_columns
 from moesif_fast.settings import MoesifOptions
 
 EVENTS = 2_000
@@ -50,7 +50,7 @@ def captured_call(number: int, body: bytes) -> bytes:
     now = time.time_ns()
     return encode_call((
         "Incoming", now, now + 1_000_000, "POST", f"http://api.example.com/api/echo?n={number}",
-        HEADERS, "203.0.113.9", body, 201,
+        header_columns(HEADERS), "203.0.113.9", body, 201,
         (("Content-Type", "application/json"), ("x-moesif-transaction-id", f"t-{number}")),
         body, f"t-{number}", None, None, None, None, 1, None))
 

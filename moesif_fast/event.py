@@ -149,15 +149,15 @@ class EventBuilder:
     def _event(self, call: CapturedCall, copy: bool) -> dict[str, Any]:
         """The event for `call` (before MASK_EVENT_MODEL), keys in wire order; with `copy`,
         JSON bodies nothing may change are orjson fragments of the body as sent."""
-        (direction, request_time_ns, response_time_ns, verb, uri, meta_headers, remote_addr,
+        (direction, request_time_ns, response_time_ns, verb, uri, (names, values), remote_addr,
          raw_request_body, status, raw_response_headers, raw_response_body, transaction_id,
          user_id, company_id, session_token, metadata, weight, blocked_by) = call
         if direction == INCOMING:
             incoming = True
-            headers = self.wire_headers(meta_headers)
+            headers = self.wire_headers(zip(names, values, strict=True))
         elif direction == OUTGOING:
             incoming = False
-            headers = dict(meta_headers)
+            headers = dict(zip(names, values, strict=True))
         else:
             raise EventDropped("unknown direction", repr(direction))
 

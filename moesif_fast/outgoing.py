@@ -54,7 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from .record import Body, encode_call_safely
+from .record import Body, encode_call_safely, header_columns
 from .settings import MoesifOptions, call_user_function
 from .sink import EventSink
 
@@ -175,7 +175,7 @@ class _OutgoingCapture:
         url = _without_credentials(final_request.url or "")
         fields = (
             "Outgoing", request_time_ns, response_time_ns, method, url,
-            _header_pairs(final_request.headers), None, request_body,
+            header_columns(_header_pairs(final_request.headers)), None, request_body,
             response.status_code, _header_pairs(response.headers), response_body, None,
             options.IDENTIFY_USER_OUTGOING and self._callback(
                 options.IDENTIFY_USER_OUTGOING, final_request, response),
@@ -187,8 +187,7 @@ class _OutgoingCapture:
                 options.GET_METADATA_OUTGOING, final_request, response),
             1, None,
         )
-        payload = encode_call_safely(fields)
-        written = self._sink.append(payload)
+        written = self._sink.append(encode_call_safely(fields))
         if options.LOCAL_DEBUG:  # never headers, bodies or the query string: they hold secrets
             logger.info("moesif_fast: outgoing %s %s -> %s, %s", method,
                         url.partition("?")[0].partition("#")[0], response.status_code,

@@ -4,13 +4,18 @@ The worker copies what it needs out of the live request and response into a plai
 marshals it: no JSON, no base64, no header renaming in the request. The shipper unmarshals it
 into a `CapturedCall` and builds the Moesif event from it (`moesif_fast.event`).
 
-Payload layout: one kind byte, then marshal data: for b"C" (an API call) the tuple of the
-`CapturedCall` fields in order; for b"U" (a user, company or subscription update, see
-`entities.py`) the tuple (kind, profile dict) with the profile already in wire shape.
+Payload layout: one kind byte, then
+
+- b"D" (an API call): marshal data of the tuple of the `CapturedCall` fields in order. The
+  request headers are two tuples (names, values), not a pair per header: the worker builds no
+  tuple per header, and two joins check them in the shipper.
+- b"U" (a user, company or subscription update, see `entities.py`): marshal data of the tuple
+  (kind, profile dict) with the profile already in wire shape.
+
 Workers and the shipper run the same interpreter and package version (the shipper is started
-from the same environment), so marshal's format is shared; the kind byte carries the
-record version, so a mixed deployment drops and counts records it cannot read instead of
-misreading them.
+from the same environment), so marshal's format is shared; the kind byte carries the record
+version, so a mixed deployment drops and counts records it cannot read (b"C", this layout's
+predecessor, among them) instead of misreading them.
 
 Trust: the ring file is mode 0600 and owned by the server's user; `decode` still never raises
 on bad bytes, it returns None and the caller counts the record as undecodable.
@@ -20,12 +25,13 @@ from __future__ import annotations
 
 import json
 import marshal
+from collections.abc import Iterable
 from itertools import chain, product
 from operator import itemgetter
 from types import NoneType
 from typing import Any, NamedTuple
 
-CALL_V1 = b"C"
+CALL_V2 = b"D"
 ENTITY_V1 = b"U"
 ENTITY_KINDS = ("user", "company", "subscription")
 
@@ -42,9 +48,9 @@ class CapturedCall(NamedTuple):
     response_time_ns: int  # time.time_ns() when the view chain returned
     verb: str  # request method, upper case
     uri: str  # scheme://host/full_path?query
-    request_headers: tuple[tuple[str, str], ...]
-    """Incoming: WSGI META keys as Django has them (HTTP_X_API_KEY, CONTENT_TYPE,
-    CONTENT_LENGTH) with their string values. Outgoing: real header names."""
+    request_headers: tuple[tuple[str, ...], tuple[str, ...]]
+    """(names, values). Incoming: WSGI META keys as Django has them (HTTP_X_API_KEY,
+    CONTENT_TYPE, CONTENT_LENGTH) with their string values. Outgoing: real header names."""
     remote_addr: str | None  # REMOTE_ADDR (incoming) or None
     request_body: Body
     status: int
@@ -74,8 +80,8 @@ _PAIR_LENGTH = frozenset((2,))
 
 def encode_call(fields: tuple) -> bytes:
     """Pack a plain tuple in `CapturedCall` field order. Raises ValueError for values marshal
-    cannot carry; the caller (the middleware) makes callback results safe first."""
-    return CALL_V1 + marshal.dumps(fields)
+    cannot carry; the caller makes callback results safe first (`encode_call_safely`)."""
+    return CALL_V2 + marshal.dumps(fields)
 
 
 def encode_call_safely(fields: tuple) -> bytes:
@@ -87,10 +93,18 @@ def encode_call_safely(fields: tuple) -> bytes:
     except ValueError:
         from .event import json_safe  # event imports this module
 
-        request_headers = tuple((str(name), str(value)) for name, value in fields[5])
+        names, values = fields[5]
+        request_headers = (tuple(map(str, names)), tuple(map(str, values)))
         callback_results = tuple(json_safe(value) for value in fields[12:16])
         return encode_call(fields[:5] + (request_headers,) + fields[6:12] + callback_results
                            + fields[16:])
+
+
+def header_columns(pairs: Iterable[tuple[str, Any]]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    """(names, values) of (name, value) pairs: request headers as a `CapturedCall` holds
+    them."""
+    pairs = tuple(pairs)
+    return tuple(name for name, _ in pairs), tuple(value for _, value in pairs)
 
 
 def encode_entity(kind: str, profile: dict) -> bytes:
@@ -102,7 +116,7 @@ def decode(payload: bytes) -> CapturedCall | EntityUpdate | None:
     """The record in `payload`, or None when it is not a well-formed record of a known kind."""
     if payload[:1] == ENTITY_V1:
         return _decode_entity(payload)
-    if payload[:1] != CALL_V1:
+    if payload[:1] != CALL_V2:
         return None
     try:
         fields = marshal.loads(payload[1:])
@@ -111,12 +125,11 @@ def decode(payload: bytes) -> CapturedCall | EntityUpdate | None:
     if (type(fields) is not tuple or len(fields) != FIELD_COUNT
             or tuple(map(type, _TYPED_FIELDS(fields))) not in _FIELD_TYPES):
         return None
-    request_headers, response_headers = fields[5], fields[9]
-    if not _are_string_pairs(request_headers + response_headers):
-        flat_headers = _header_pairs(request_headers)
-        if flat_headers is None or not _are_string_pairs(response_headers):
-            return None
-        fields = fields[:5] + (flat_headers,) + fields[6:]
+    request_headers = _request_header_columns(fields[5])
+    if request_headers is None or not _are_string_pairs(fields[9]):
+        return None
+    if request_headers is not fields[5]:  # values flattened to strings
+        fields = fields[:5] + (request_headers,) + fields[6:]
     return CapturedCall._make(fields)
 
 
@@ -146,20 +159,30 @@ def _are_string_pairs(pairs: tuple) -> bool:
         return False
 
 
-def _header_pairs(pairs: tuple) -> tuple[tuple[str, str], ...] | None:
-    """Request headers with string values, as the reference flattens them (None → "", other
-    values → JSON), or None when they are not (name, value) pairs with string names or a value
-    cannot be written. A WSGI server or an earlier middleware may put non-string values in
-    META; the worker copies them as they are."""
-    flat = []
-    for pair in pairs:
-        if type(pair) is not tuple or len(pair) != 2 or type(pair[0]) is not str:
-            return None
-        try:
-            flat.append((pair[0], _flat(pair[1])))
-        except RecursionError:  # nested too deep to write (marshal carries deeper than JSON)
-            return None
-    return tuple(flat)
+def _request_header_columns(columns: tuple) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The request headers' (names, values) with every value a string, flattened as the
+    reference does (None → "", other values → JSON: a WSGI server
+    or an earlier middleware may put non-string values in META, and the worker copies them as
+    they are); None when the columns are not two tuples of one length with string names, or a
+    value cannot be written."""
+    if len(columns) != 2:
+        return None
+    names, values = columns
+    if type(names) is not tuple or type(values) is not tuple or len(names) != len(values):
+        return None
+    try:
+        "".join(names)  # TypeError unless every name is a string
+    except TypeError:
+        return None
+    try:
+        "".join(values)  # the common case: every value is a string already
+        return columns
+    except TypeError:
+        pass
+    try:
+        return names, tuple(map(_flat, values))
+    except RecursionError:  # nested too deep to write as JSON (marshal carries deeper)
+        return None
 
 
 def _flat(value: object) -> str:

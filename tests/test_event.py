@@ -9,6 +9,7 @@ import datetime
 import decimal
 import gzip
 import json
+import marshal
 import math
 import uuid
 from typing import Any
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moesif_fast.event import EventBuilder, EventDropped, json_safe, serialize_batch
-from moesif_fast.record import CALL_V1, CapturedCall, decode, encode_call
+from moesif_fast.record import CALL_V2, CapturedCall, decode, encode_call, header_columns
 from moesif_fast.settings import MoesifOptions
 
 T0_NS = 1_795_510_036_321_000_000  # 2026-11-24T08:47:16.321 UTC
@@ -31,6 +32,7 @@ RESPONSE_KEYS = ["time", "status", "headers", "body", "ip_address", "transfer_en
 
 
 def make_call(**fields: Any) -> CapturedCall:
+    """A CapturedCall of the defaults below and `fields`, request_headers given as pairs."""
     defaults: dict[str, Any] = {
         "direction": "Incoming",
         "request_time_ns": T0_NS,
@@ -51,7 +53,8 @@ def make_call(**fields: Any) -> CapturedCall:
         "weight": 1,
         "blocked_by": None,
     }
-    return CapturedCall(**{**defaults, **fields})
+    call = {**defaults, **fields}
+    return CapturedCall(**{**call, "request_headers": header_columns(call["request_headers"])})
 
 
 def build(call: CapturedCall, **options: Any) -> dict[str, Any]:
@@ -1022,7 +1025,7 @@ CALLS = st.builds(
     response_time_ns=st.integers(min_value=0, max_value=4 * 10**18),
     verb=st.sampled_from(["GET", "POST"]),
     uri=st.text(max_size=30),
-    request_headers=HEADERS,
+    request_headers=HEADERS.map(header_columns),
     remote_addr=st.none() | st.text(max_size=15),
     request_body=BODIES,
     status=st.integers(min_value=100, max_value=599),
@@ -1075,28 +1078,32 @@ def test_build_and_serialize_never_fail_and_give_the_wire_shape(
 # --- record decoding -------------------------------------------------------------------------
 
 RECORD_FIELDS = (
-    "Incoming", T0_NS, T0_NS + 1_000_000, "POST", "http://h/p", (("HTTP_X_A", "a"),), "10.0.0.1",
+    "Incoming", T0_NS, T0_NS + 1_000_000, "POST", "http://h/p", (("HTTP_X_A",), ("a",)),
+    "10.0.0.1",
     b'{"a": 1}', 201, (("Content-Type", "application/json"),), b"[]", TX, "u", 7, None,
     {"m": [1]}, 1, None,
 )
 
 
-def test_a_record_decodes_to_its_call() -> None:
-    assert decode(encode_call(RECORD_FIELDS)) == CapturedCall(*RECORD_FIELDS)
+@pytest.mark.parametrize("body", [None, 1_234, b"", b"{}", bytes(range(256)) * 40])
+def test_a_record_decodes_to_its_call(body: bytes | int | None) -> None:
+    fields = RECORD_FIELDS[:7] + (body,) + RECORD_FIELDS[8:10] + (body,) + RECORD_FIELDS[11:]
+    assert decode(encode_call(fields)) == CapturedCall(*fields)
 
 
 def test_request_header_values_that_are_not_strings_are_flattened() -> None:
-    headers = (("HTTP_X_A", 5), ("HTTP_X_B", None), ("HTTP_X_C", [1, "x"]), ("HTTP_X_D", "d"))
+    headers = header_columns((("HTTP_X_A", 5), ("HTTP_X_B", None), ("HTTP_X_C", [1, "x"]),
+                              ("HTTP_X_D", "d")))
     call = decode(encode_call(RECORD_FIELDS[:5] + (headers,) + RECORD_FIELDS[6:]))
-    assert call.request_headers == (("HTTP_X_A", "5"), ("HTTP_X_B", ""),
-                                    ("HTTP_X_C", '[1, "x"]'), ("HTTP_X_D", "d"))
+    assert call.request_headers == (("HTTP_X_A", "HTTP_X_B", "HTTP_X_C", "HTTP_X_D"),
+                                    ("5", "", '[1, "x"]', "d"))
 
 
 def test_a_header_value_nested_too_deep_to_write_is_not_decoded() -> None:
     deep: Any = []
     for _ in range(1_500):  # deeper than JSON (or repr) can write, not than marshal can carry
         deep = [deep]
-    headers = (("HTTP_X_A", deep),)
+    headers = (("HTTP_X_A",), (deep,))
     assert decode(encode_call(RECORD_FIELDS[:5] + (headers,) + RECORD_FIELDS[6:])) is None
 
 
@@ -1104,24 +1111,30 @@ def _with(index: int, value: Any) -> bytes:
     return encode_call(RECORD_FIELDS[:index] + (value,) + RECORD_FIELDS[index + 1:])
 
 
+WELL_FORMED = encode_call(RECORD_FIELDS)
+
+
 @pytest.mark.parametrize(
     "payload",
     [
         pytest.param(b"", id="empty"),
-        pytest.param(b"X" + encode_call(RECORD_FIELDS)[1:], id="unknown-kind"),
-        pytest.param(encode_call(RECORD_FIELDS)[:-3], id="truncated"),
+        pytest.param(b"X" + WELL_FORMED[1:], id="unknown-kind"),
+        pytest.param(b"C" + WELL_FORMED[1:], id="the-previous-call-kind"),
+        pytest.param(WELL_FORMED[:-3], id="truncated"),
+        pytest.param(CALL_V2 + b"\x00garbage", id="not-marshal"),
+        pytest.param(CALL_V2 + marshal.dumps(list(RECORD_FIELDS)), id="a-list"),
         pytest.param(encode_call(RECORD_FIELDS[:-1]), id="too-few-fields"),
-        pytest.param(CALL_V1 + b"\x00garbage", id="not-marshal"),
-        pytest.param(encode_call(list(RECORD_FIELDS)), id="a-list"),  # type: ignore[arg-type]
         pytest.param(_with(0, b"Incoming"), id="direction-bytes"),
         pytest.param(_with(1, True), id="time-bool"),
         pytest.param(_with(2, 1.5), id="time-float"),
         pytest.param(_with(4, None), id="uri-none"),
-        pytest.param(_with(5, [("HTTP_X_A", "a")]), id="request-headers-list"),
-        pytest.param(_with(5, ("ab",)), id="request-header-a-string"),
-        pytest.param(_with(5, (["HTTP_X_A", "a"],)), id="request-header-a-list"),
-        pytest.param(_with(5, (("HTTP_X_A", "a", "b"),)), id="request-header-three-items"),
-        pytest.param(_with(5, ((5, "a"),)), id="request-header-name-int"),
+        pytest.param(_with(5, [("HTTP_X_A",), ("a",)]), id="request-headers-list"),
+        pytest.param(_with(5, (("HTTP_X_A", "a"),)), id="request-headers-as-pairs"),
+        pytest.param(_with(5, (["HTTP_X_A"], ["a"])), id="request-header-columns-lists"),
+        pytest.param(_with(5, (("HTTP_X_A", "HTTP_X_B"), ("a",))),
+                     id="request-header-columns-of-two-lengths"),
+        pytest.param(_with(5, (("HTTP_X_A",), ("a",), ("b",))), id="request-header-three-columns"),
+        pytest.param(_with(5, ((5,), ("a",))), id="request-header-name-int"),
         pytest.param(_with(6, 10), id="remote-addr-int"),
         pytest.param(_with(7, 1.5), id="body-float"),
         pytest.param(_with(7, "text"), id="body-str"),
