@@ -26,6 +26,7 @@ import gzip
 import ipaddress
 import json
 import logging
+import marshal
 import math
 import os
 import re
@@ -1139,6 +1140,21 @@ BAD_MASKS = {
     "returns-garbage": lambda event: "garbage",
     "returns-object-without-response": missing_response,
 }
+
+
+def test_a_record_the_shipper_cannot_read_is_counted_and_logged_and_the_rest_arrive(
+        pipeline: Pipeline, caplog: pytest.LogCaptureFixture) -> None:
+    pipeline.send("get", "/echo?before")
+    older_version = b"C" + marshal.dumps(("Incoming", 0, 0, "GET", "http://h/x", (), None))
+    assert sink._producers[pipeline.ring.path].append(older_version)
+    pipeline.send("get", "/echo?after")
+    with caplog.at_level(logging.WARNING, logger="moesif_fast.shipper"):
+        delivery = pipeline.deliver()
+    assert set(by_query(delivery.events)) == {"before", "after"}
+    assert (delivery.counters.undecodable, delivery.counters.delivered) == (1, 2)
+    assert [record.getMessage() for record in caplog.records] == [
+        "moesif_fast shipper: a ring record could not be read (written by another version of "
+        "moesif_fast, or damaged); it is dropped (1 so far)"]
 
 
 @pytest.mark.parametrize("bad_mask", BAD_MASKS.values(), ids=BAD_MASKS.keys())

@@ -41,6 +41,7 @@ LINGER = 0.25  # seconds a partial batch waits for more events
 IN_FLIGHT = 4  # batches being sent at once
 IDLE_POLL = 0.05  # seconds between polls of an empty ring
 STATS_INTERVAL = 1.0
+UNREADABLE_LOG_INTERVAL = 60.0  # seconds between two warnings about unreadable records
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Shipper:
         self._unsettled: dict[Batch, BatchProgress] = {}  # batches with requests in flight
         self._in_flight = 0
         self._next_stats = 0.0
+        self._next_unreadable_log = 0.0
         for number in range(IN_FLIGHT):
             threading.Thread(target=self._send_forever, name=f"moesif-sender-{number}",
                              daemon=True).start()
@@ -147,7 +149,7 @@ class Shipper:
         for payload in batch.records:
             record = decode(payload)
             if record is None:
-                self.counters.undecodable += 1
+                self._count_unreadable()
             elif isinstance(record, EntityUpdate):
                 updates.append(record)
             else:
@@ -170,6 +172,18 @@ class Shipper:
         self._unsettled[batch] = BatchProgress(len(requests))
         for request in requests:
             self._jobs.put(request)
+
+    def _count_unreadable(self) -> None:
+        """A ring record that is not a record of this version (one left by an older version
+        after an upgrade, or damaged bytes): dropped, counted, and logged at most once a
+        minute."""
+        self.counters.undecodable += 1
+        now = time.monotonic()
+        if now >= self._next_unreadable_log:
+            self._next_unreadable_log = now + UNREADABLE_LOG_INTERVAL
+            logger.warning("moesif_fast shipper: a ring record could not be read (written by "
+                           "another version of moesif_fast, or damaged); it is dropped (%d so "
+                           "far)", self.counters.undecodable)
 
     def _send_forever(self) -> None:
         while True:
