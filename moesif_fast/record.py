@@ -85,16 +85,17 @@ def encode_call(fields: tuple) -> bytes:
 
 
 def encode_call_safely(fields: tuple) -> bytes:
-    """`encode_call`, making header values strings and callback results (user, company,
-    session token, metadata) plain JSON types, as the shipper would, when marshal refuses
-    them (datetimes, Decimals, objects from a WSGI server or a callback)."""
+    """`encode_call`, making request header values strings (flattened as `decode` does) and
+    callback results (user, company, session token, metadata) plain JSON types, as the
+    shipper would, when marshal refuses them (datetimes, Decimals, objects from a WSGI server
+    or a callback)."""
     try:
         return encode_call(fields)
     except ValueError:
         from .event import json_safe  # event imports this module
 
         names, values = fields[5]
-        request_headers = (tuple(map(str, names)), tuple(map(str, values)))
+        request_headers = (tuple(map(str, names)), tuple(map(_flat, values)))
         callback_results = tuple(json_safe(value) for value in fields[12:16])
         return encode_call(fields[:5] + (request_headers,) + fields[6:12] + callback_results
                            + fields[16:])

@@ -144,10 +144,14 @@ def test_callback_values_marshal_cannot_carry_are_made_plain(ring: Reader) -> No
     def metadata(request: HttpRequest, response: HttpResponse) -> object:
         return {"when": moment, "price": decimal.Decimal("1.50"), "tags": ["a"]}
 
-    send("get", "/echo", {"GET_METADATA": metadata, "IDENTIFY_USER": lambda q, s: 42})
+    send("get", "/echo", {"GET_METADATA": metadata, "IDENTIFY_USER": lambda q, s: 42},
+         HTTP_X_WHEN=moment, HTTP_X_NONE=None, HTTP_X_LIST=[1, "x"])  # as a WSGI server may
     [call] = captured(ring)
     assert call.metadata == {"when": moment.isoformat(), "price": "1.50", "tags": ["a"]}
     assert call.user_id == 42
+    headers = dict(zip(*call.request_headers, strict=True))  # flattened as the shipper does
+    assert (headers["HTTP_X_WHEN"], headers["HTTP_X_NONE"], headers["HTTP_X_LIST"]) == (
+        str(moment), "", '[1, "x"]')
 
 
 def test_streaming_response_is_not_consumed(ring: Reader) -> None:
