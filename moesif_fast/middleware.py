@@ -282,23 +282,16 @@ class MoesifMiddleware:
             else:
                 transaction_id = new_transaction_id()
                 _set_plain_header(response, TRANSACTION_HEADER, transaction_id)
-        needs = policy.sampling_needs()
-        if needs:  # the rate depends on the request: decided now, from the facts it reads
-            facts = self._facts(request, needs, response, user)
-            rate = policy.sample_rate(facts)
-            if sampled is None and rate < FULL_RATE and not Policy.keep(rate, _random()):
-                return
-            # Ids sampling already needed are reused: a user callback runs once per request.
-            user_id = facts.user_id if "user_id" in needs \
-                else self._user_id(request, response, user)
-            company_id = facts.company_id if "company_id" in needs \
-                else self._company_id(request, response)
-        else:
-            rate = policy.global_sample_rate
-            if sampled is None and rate < FULL_RATE and not Policy.keep(rate, _random()):
-                return
-            user_id = self._user_id(request, response, user)
-            company_id = self._company_id(request, response)
+        needs = policy.sampling_needs()  # the rate depends on the request: decided now
+        facts = self._facts(request, needs, response, user) if needs else None
+        rate = policy.global_sample_rate if facts is None else policy.sample_rate(facts)
+        if sampled is None and rate < FULL_RATE and not Policy.keep(rate, _random()):
+            return
+        # Ids sampling already needed are reused: a user callback runs once per request.
+        user_id = facts.user_id if facts is not None and "user_id" in needs \
+            else self._user_id(request, response, user)
+        company_id = facts.company_id if facts is not None and "company_id" in needs \
+            else self._company_id(request, response)
         method = request.method or ""
         response_body = None  # none for HEAD either: no body goes out on the wire (W22)
         if options.LOG_BODY and isinstance(response, HttpResponse) and method != "HEAD":
@@ -462,7 +455,7 @@ def _sample_early(policy: Policy) -> bool | None:
     if policy.sampling_needs():
         return None
     rate = policy.global_sample_rate
-    return rate >= 100 or Policy.keep(rate, _random())
+    return rate >= FULL_RATE or Policy.keep(rate, _random())
 
 
 def _either(blocked: HttpResponseBase | None, response: HttpResponseBase) -> HttpResponseBase:
