@@ -15,6 +15,7 @@ from typing import Any
 
 from .ringbuffer import RingError, RingFile
 from .ringfile import policy_snapshot_path, shipper_stats_path
+from .shipper.priority import LOW_NICE
 from .snapshot import read as read_snapshot
 
 
@@ -81,6 +82,10 @@ def render(report: dict[str, Any]) -> str:
             f"{shipper['in_flight']} batches; last delivery "
             f"{_seconds(_age(shipper['last_delivery_ns']))} ago; counters "
             f"{_seconds(_age(shipper['heartbeat_ns']))} old")
+        lines.append("  priority    " + (
+            "the process's own: catching up (the ring passed half full)"
+            if shipper.get("catching_up") else f"below the workers' (nice {LOW_NICE}, on Linux)")
+            + f"; {shipper.get('catch_ups', 0)} catch-ups so far")
         lines.append(f"  updates     delivered {shipper['updates_delivered']}, refused "
                      f"{shipper['updates_refused']} (users, companies, subscriptions)")
         if shipper.get("last_error"):

@@ -41,6 +41,8 @@ from conftest import (
 from event_shape import EVENT_KEYS, EVENT_TIME, REQUEST_KEYS, RESPONSE_KEYS
 
 from moesif_fast.ringfile import producers_for_workers, shipper_stats_path
+from moesif_fast.shipper.loop import IN_FLIGHT
+from moesif_fast.shipper.priority import LOW_NICE
 
 StartServer = Callable[..., Server]
 
@@ -318,6 +320,11 @@ def test_stats_command_shows_ring_lanes_and_shipper(start_server: StartServer,
     assert report["reader_pid"] == shipper_pid
     assert report["shipper"]["pid"] == shipper_pid
     assert report["shipper"]["refused"] == report["shipper"]["undecodable"] == 0
+    assert (report["shipper"]["catching_up"], report["shipper"]["catch_ups"]) == (False, 0)
+    thread_nice = [os.getpriority(os.PRIO_PROCESS, thread.id)
+                   for thread in psutil.Process(shipper_pid).threads()]
+    assert thread_nice.count(LOW_NICE) == IN_FLIGHT + 1  # the loop's low thread, its senders
+    assert thread_nice.count(0) == len(thread_nice) - IN_FLIGHT - 1
     lanes = report["lanes"]
     assert len(lanes) == producers_for_workers(2) + 1
     assert [lane["overflow"] for lane in lanes].count(True) == 1
@@ -328,5 +335,6 @@ def test_stats_command_shows_ring_lanes_and_shipper(start_server: StartServer,
     text = run_stats(server.directory, as_json=False)
     assert report["ring"] in text
     assert f"shipper     pid {shipper_pid}: delivered {len(exchanges)}" in text
+    assert "priority    below the workers' (nice 19, on Linux); 0 catch-ups so far" in text
     assert re.search(rf"appended\s+{len(exchanges)}\s+committed {len(exchanges)}", text), text
     assert server.stop() == 0

@@ -482,6 +482,7 @@ def test_a_full_lane_drops_at_once_and_accepts_again_after_a_commit(
     assert len(accepted) == ring.geometry.lane_capacity // record_span(4000)
     lane = ring.stats().lanes[producer.lane]
     assert (lane.dropped_full, lane.appended) == (1, len(accepted))
+    assert reader.fill() == lane.bytes_in_use / ring.geometry.lane_capacity > 0.9
 
     batch = reader.read(max_records=3, max_bytes=1 * MiB)
     assert batch.records == accepted[:3]
@@ -503,10 +504,13 @@ def test_max_records_bounds_the_unconsumed_records_of_a_lane(
     lane = ring.stats().lanes[producer.lane]
     assert (lane.dropped_full, lane.records_in_use) == (1, 5)
     assert lane.bytes_in_use < ring.geometry.lane_capacity // 4  # bytes were not the limit
+    assert reader.fill() == 1.0
 
     batch = reader.read(max_records=2, max_bytes=1 * MiB)
     assert not producer.append(records[5]), "read but uncommitted records still count"
+    assert reader.fill() == 1.0
     reader.commit(batch)
+    assert reader.fill() == 3 / 5
     assert producer.append(records[5])
     assert producer.append(records[6])
     assert not producer.append(records[7])

@@ -71,6 +71,8 @@ class Reader:
         self._capacity = geometry.lane_capacity
         self._mask = geometry.lane_capacity - 1
         self._max_record = geometry.max_record
+        self._max_records = geometry.max_records
+        self._controls = [ring.control_word(lane, 0) for lane in self._lanes]
         self._bytes = ring.bytes
         self._words = ring.words
         self._sync_fds: dict[int, int] = {}
@@ -87,6 +89,17 @@ class Reader:
     def pending(self) -> bool:
         """True when some lane holds records this reader has not read yet."""
         return any(self._load_tail(lane) != self._positions[lane] for lane in self._lanes)
+
+    def fill(self) -> float:
+        """How full the fullest lane is, 0.0 to 1.0: the larger of its bytes and its records
+        in use (read or not, until committed) over the lane's limits."""
+        words, fullest = self._words, 0.0
+        for control in self._controls:
+            fullest = max(fullest,
+                          (words[control + TAIL] - words[control + HEAD]) / self._capacity,
+                          (words[control + APPENDED] - words[control + CONSUMED]
+                           ) / self._max_records)
+        return min(fullest, 1.0)
 
     def read(self, max_records: int, max_bytes: int, into: Batch | None = None) -> Batch:
         """Up to `max_records` records and about `max_bytes` payload bytes (at least one record

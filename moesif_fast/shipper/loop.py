@@ -10,6 +10,9 @@ request made from it was answered 2xx or refused for good; anything not delivere
 shipper stops stays in the ring for the next shipper (at-least-once). Delivered batches' config
 and rules tags go to the PolicyRefresher, which re-fetches them when they change.
 
+The loop and the senders run below the workers' CPU priority while the ring stays under half
+full, and at the process's own priority while the shipper catches up (`priority.py`).
+
 Counters are published every second in `<ring>.shipper.json` for `python -m moesif_fast stats`.
 """
 
@@ -21,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass
 
 from ..entities import entity_requests
@@ -30,6 +33,7 @@ from ..record import EntityUpdate, decode
 from ..ringbuffer import Batch, Reader, RingFile
 from ..ringfile import policy_snapshot_path, shipper_stats_path
 from ..settings import MoesifOptions
+from .priority import CatchUp, drive, lower_this_thread
 from .refresh import PolicyRefresher
 from .transport import CollectorTransport, Outcome
 
@@ -58,6 +62,8 @@ class ShipperCounters:
     build_errors: int = 0  # events that could not be built
     batches: int = 0  # batches acknowledged
     in_flight: int = 0
+    catching_up: bool = False  # working at the process's priority, not below the workers'
+    catch_ups: int = 0  # catch-ups begun (the ring passed half full)
     last_delivery_ns: int = 0
     last_error: str | None = None
 
@@ -93,28 +99,40 @@ class Shipper:
         self.counters = ShipperCounters(pid=os.getpid(), started_ns=time.time_ns())
         self.stop_sending = threading.Event()  # interrupts retries once the deadline passed
         self.refresher = PolicyRefresher(transport, policy_snapshot_path(ring.path))
-        self._jobs: queue.Queue[Request] = queue.Queue()
+        self.catch_up = CatchUp()
+        self._finishing = False
+        self._low_jobs: queue.Queue[Request] = queue.Queue()  # for the senders at low priority
+        self._normal_jobs: queue.Queue[Request] = queue.Queue()
         self._done: queue.Queue[tuple[Request, Outcome]] = queue.Queue()
         self._unsettled: dict[Batch, BatchProgress] = {}  # batches with requests in flight
         self._in_flight = 0
         self._next_stats = 0.0
         self._next_unreadable_log = 0.0
         for number in range(IN_FLIGHT):
-            threading.Thread(target=self._send_forever, name=f"moesif-sender-{number}",
-                             daemon=True).start()
+            for jobs, priority in ((self._low_jobs, "low"), (self._normal_jobs, "normal")):
+                threading.Thread(target=self._send_forever, args=(jobs, priority == "low"),
+                                 name=f"moesif-sender-{priority}-{number}", daemon=True).start()
 
     def run(self, should_finish: Callable[[], bool], finish_deadline: float) -> bool:
         """Ship until `should_finish()` is true, then deliver what is left (including what
         live producers still append) within `finish_deadline` seconds. True if everything
         read was delivered."""
+        return drive(self._passes(should_finish, finish_deadline), self._catching_up)
+
+    def _passes(self, should_finish: Callable[[], bool], finish_deadline: float
+                ) -> Generator[None, None, bool]:
+        """The loop of `run`, yielding after each pass (so that `drive` can move it to a
+        thread of another priority)."""
         open_batch: Batch | None = None
         opened_at = 0.0
         finish_by: float | None = None
         while True:
+            yield
             self._collect_results(wait=0.0)
             now = time.monotonic()
             if finish_by is None and should_finish():
                 finish_by = now + finish_deadline
+                self._finishing = True
                 logger.info("moesif_fast shipper: finishing; delivering what is left within "
                             "%.0f s", finish_deadline)
             if finish_by is not None and now >= finish_by:
@@ -141,6 +159,17 @@ class Shipper:
             self._publish_stats()
             self._collect_results(wait=LINGER / 5 if open_batch or self._in_flight
                                   else IDLE_POLL)
+
+    def _catching_up(self) -> bool:
+        """Whether the next pass should run at the process's priority (see `priority.py`);
+        a change of mind also moves the batches waiting for a sender."""
+        was_catching_up = self.catch_up.active
+        catching_up = self.catch_up.update(self.reader.fill(), self._finishing)
+        if catching_up and not was_catching_up:
+            logger.info("moesif_fast shipper: the ring is over half full; catching up at the "
+                        "process's CPU priority")
+            _move_all(self._low_jobs, self._normal_jobs)
+        return catching_up
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -170,8 +199,9 @@ class Shipper:
             return
         self._in_flight += 1
         self._unsettled[batch] = BatchProgress(len(requests))
+        jobs = self._normal_jobs if self.catch_up.active else self._low_jobs
         for request in requests:
-            self._jobs.put(request)
+            jobs.put(request)
 
     def _count_unreadable(self) -> None:
         """A ring record that is not a record of this version (one left by an older version
@@ -185,9 +215,11 @@ class Shipper:
                            "another version of moesif_fast, or damaged); it is dropped (%d so "
                            "far)", self.counters.undecodable)
 
-    def _send_forever(self) -> None:
+    def _send_forever(self, jobs: queue.Queue[Request], low_priority: bool) -> None:
+        if low_priority:
+            lower_this_thread()
         while True:
-            request = self._jobs.get()
+            request = jobs.get()
             outcome = self.transport.post(request.path, request.body, compress=request.compress,
                                           give_up_at=None, stop=self.stop_sending)
             self._done.put((request, outcome))
@@ -260,8 +292,18 @@ class Shipper:
         self._next_stats = now + STATS_INTERVAL
         self.counters.heartbeat_ns = time.time_ns()
         self.counters.in_flight = self._in_flight
+        self.counters.catching_up = self.catch_up.active
+        self.counters.catch_ups = self.catch_up.started
         path = shipper_stats_path(self.ring.path)
         temporary = f"{path}.{os.getpid()}.tmp"
         with open(temporary, "w") as file:
             json.dump(asdict(self.counters), file)
         os.replace(temporary, path)
+
+
+def _move_all(source: queue.Queue[Request], target: queue.Queue[Request]) -> None:
+    while True:
+        try:
+            target.put(source.get_nowait())
+        except queue.Empty:
+            return
