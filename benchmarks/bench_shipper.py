@@ -3,7 +3,8 @@
 A ring is filled with 20,000 captured calls (1 KB JSON request and response bodies, ten
 headers), then one Shipper drains it to the local collector (a separate process): decode, build
 the Moesif events, serialize, gzip, POST, commit. Measured for the reference's BATCH_SIZE (25)
-and for larger batches.
+and for larger batches. The shipper is told to finish at once, so it drains at the process's
+CPU priority, as it does when catching up (`moesif_fast/shipper/priority.py`).
 
     python -m pytest benchmarks/bench_shipper.py --benchmark-only
 """
