@@ -168,12 +168,14 @@ def test_a_ring_past_half_full_is_caught_up_at_the_processs_priority_then_left_t
             assert shipper.counters.delivered == 0
             collector.set_faults({})
             wait_until(lambda: shipper.counters.delivered >= 30, 30, "the 30 events")
-            wait_until(lambda: not shipper.catch_up.active, 30, "the end of the catch-up")
+            wait_until(lambda: not shipper.catch_up.active and "caught up" in caplog.text, 30,
+                       "the end of the catch-up, logged")
         assert shipper.catch_up.started == 1
         assert [record.getMessage() for record in caplog.records
-                if "catching up" in record.getMessage()] == [
+                if "priority" in record.getMessage()] == [
             "moesif_fast shipper: the ring is over half full; catching up at the process's "
-            "CPU priority"]
+            "CPU priority",
+            "moesif_fast shipper: caught up; back below the workers' CPU priority"]
     finally:
         assert stop()
     uris = {event["request"]["uri"] for event in collector.events()}

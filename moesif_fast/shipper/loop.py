@@ -169,6 +169,8 @@ class Shipper:
             logger.info("moesif_fast shipper: the ring is over half full; catching up at the "
                         "process's CPU priority")
             _move_all(self._low_jobs, self._normal_jobs)
+        elif was_catching_up and not catching_up:
+            logger.info("moesif_fast shipper: caught up; back below the workers' CPU priority")
         return catching_up
 
     # -- batches ---------------------------------------------------------------------------
