@@ -181,3 +181,6 @@ def test_a_ring_past_half_full_is_caught_up_at_the_processs_priority_then_left_t
     uris = {event["request"]["uri"] for event in collector.events()}
     assert uris == {f"http://api.example.com/items?n={number}" for number in range(30)}
     assert small_ring.stats().records_in_use == 0
+    wait_until(lambda: not [thread for thread in threading.enumerate()
+                            if thread.name.startswith("moesif-")], 10,
+               "the shipper's threads to end with run()")

@@ -101,23 +101,30 @@ class Shipper:
         self.refresher = PolicyRefresher(transport, policy_snapshot_path(ring.path))
         self.catch_up = CatchUp()
         self._finishing = False
-        self._low_jobs: queue.Queue[Request] = queue.Queue()  # for the senders at low priority
-        self._normal_jobs: queue.Queue[Request] = queue.Queue()
+        # Requests for the senders at low priority and at the process's; None stops a sender.
+        self._low_jobs: queue.Queue[Request | None] = queue.Queue()
+        self._normal_jobs: queue.Queue[Request | None] = queue.Queue()
         self._done: queue.Queue[tuple[Request, Outcome]] = queue.Queue()
         self._unsettled: dict[Batch, BatchProgress] = {}  # batches with requests in flight
         self._in_flight = 0
         self._next_stats = 0.0
         self._next_unreadable_log = 0.0
-        for number in range(IN_FLIGHT):
-            for jobs, priority in ((self._low_jobs, "low"), (self._normal_jobs, "normal")):
-                threading.Thread(target=self._send_forever, args=(jobs, priority == "low"),
-                                 name=f"moesif-sender-{priority}-{number}", daemon=True).start()
 
     def run(self, should_finish: Callable[[], bool], finish_deadline: float) -> bool:
         """Ship until `should_finish()` is true, then deliver what is left (including what
         live producers still append) within `finish_deadline` seconds. True if everything
-        read was delivered."""
-        return drive(self._passes(should_finish, finish_deadline), self._catching_up)
+        read was delivered. The sender threads live as long as this call."""
+        for number in range(IN_FLIGHT):
+            for jobs, priority in ((self._low_jobs, "low"), (self._normal_jobs, "normal")):
+                threading.Thread(target=self._send_forever, args=(jobs, priority == "low"),
+                                 name=f"moesif-sender-{priority}-{number}", daemon=True).start()
+        try:
+            return drive(self._passes(should_finish, finish_deadline), self._catching_up)
+        finally:
+            for jobs in (self._low_jobs, self._normal_jobs):
+                _move_all(jobs, queue.Queue())  # not sent: still in the ring, not committed
+                for _ in range(IN_FLIGHT):
+                    jobs.put(None)
 
     def _passes(self, should_finish: Callable[[], bool], finish_deadline: float
                 ) -> Generator[None, None, bool]:
@@ -217,11 +224,10 @@ class Shipper:
                            "another version of moesif_fast, or damaged); it is dropped (%d so "
                            "far)", self.counters.undecodable)
 
-    def _send_forever(self, jobs: queue.Queue[Request], low_priority: bool) -> None:
+    def _send_forever(self, jobs: queue.Queue[Request | None], low_priority: bool) -> None:
         if low_priority:
             lower_this_thread()
-        while True:
-            request = jobs.get()
+        while (request := jobs.get()) is not None:
             outcome = self.transport.post(request.path, request.body, compress=request.compress,
                                           give_up_at=None, stop=self.stop_sending)
             self._done.put((request, outcome))
@@ -303,7 +309,7 @@ class Shipper:
         os.replace(temporary, path)
 
 
-def _move_all(source: queue.Queue[Request], target: queue.Queue[Request]) -> None:
+def _move_all(source: queue.Queue[Request | None], target: queue.Queue[Request | None]) -> None:
     while True:
         try:
             target.put(source.get_nowait())
