@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Callable, Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Collector, wait_until
@@ -19,7 +20,7 @@ from moesif_fast.record import CapturedCall, encode_call, header_columns
 from moesif_fast.ringbuffer import Geometry, Producer, RingFile
 from moesif_fast.shipper.loop import IN_FLIGHT, Shipper
 from moesif_fast.shipper.priority import HIGH_WATER, LOW_NICE, LOW_WATER, CatchUp, drive
-from moesif_fast.shipper.transport import CollectorTransport
+from moesif_fast.shipper.transport import CollectorTransport, Outcome
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values")
 
@@ -82,14 +83,9 @@ def test_drive_raises_what_the_priority_check_raised_in_the_low_thread() -> None
 def test_a_catch_up_starts_at_high_water_and_ends_under_low_water(
         fills: list[float], states: list[bool]) -> None:
     catch_up = CatchUp()
-    assert [catch_up.update(fill, finishing=False) for fill in fills] == states
+    assert [catch_up.update(fill) for fill in fills] == states
     starts = zip([False, *states[:-1]], states, strict=True)
     assert catch_up.started == sum(1 for before, now in starts if now and not before)
-
-
-def test_finishing_always_runs_at_the_processs_priority() -> None:
-    catch_up = CatchUp()
-    assert catch_up.update(0.0, finishing=True) and catch_up.started == 1
 
 
 # -- a shipper ----------------------------------------------------------------------------------
@@ -111,14 +107,29 @@ def small_ring(workspace: Path) -> RingFile:
                            Geometry.for_size(1 << 20, 1, LANE_RECORDS))
 
 
+class NiceRecordingTransport(CollectorTransport):
+    """The real transport, noting the nice value of the thread making each POST."""
+
+    def __init__(self, base_uri: str) -> None:
+        super().__init__(base_uri, APPLICATION_ID, user_agent="test", max_backoff=0.2)
+        self.nice_of_posts: list[int] = []
+
+    def post(self, *arguments: Any, **keywords: Any) -> Outcome:
+        self.nice_of_posts.append(thread_nice())
+        return super().post(*arguments, **keywords)
+
+
+def new_shipper(ring: RingFile, collector: Collector) -> Shipper:
+    options = moesif_settings.load({"APPLICATION_ID": APPLICATION_ID,
+                                    "BASE_URI": collector.url, "BATCH_SIZE": 5})
+    return Shipper(ring, options, NiceRecordingTransport(options.base_uri))
+
+
 def start_shipper(ring: RingFile, collector: Collector) -> tuple[Shipper, Callable[[], bool]]:
     """A shipper running in a thread, and a function that finishes it (True when it
     delivered everything)."""
-    options = moesif_settings.load({"APPLICATION_ID": APPLICATION_ID,
-                                    "BASE_URI": collector.url, "BATCH_SIZE": 5})
-    transport = CollectorTransport(options.base_uri, APPLICATION_ID, user_agent="test",
-                                   max_backoff=0.2)
-    shipper = Shipper(ring, options, transport)
+    shipper = new_shipper(ring, collector)
+    transport = shipper.transport
     finish = threading.Event()
     outcome: list[bool] = []
     thread = threading.Thread(target=lambda: outcome.append(
@@ -151,8 +162,26 @@ def test_senders_and_loop_work_below_the_callers_priority_while_the_shipper_keep
             assert nice[f"moesif-sender-low-{number}"] == LOW_NICE
             assert nice[f"moesif-sender-normal-{number}"] == thread_nice()
         assert (shipper.catch_up.active, shipper.catch_up.started) == (False, 0)
+        assert set(shipper.transport.nice_of_posts) == {LOW_NICE}
     finally:
         assert stop()
+
+
+@linux_only
+def test_finishing_is_done_at_the_callers_priority_and_is_no_catch_up(
+        small_ring: RingFile, collector: Collector, caplog: pytest.LogCaptureFixture) -> None:
+    producer = Producer(small_ring)
+    assert all(producer.append(call(number)) for number in range(10))
+    producer.close()
+    shipper = new_shipper(small_ring, collector)
+    with caplog.at_level(logging.INFO, logger="moesif_fast.shipper"):
+        assert shipper.run(lambda: True, finish_deadline=30)
+    shipper.reader.close()
+    shipper.transport.close()
+    assert shipper.counters.delivered == 10
+    assert shipper.transport.nice_of_posts == [thread_nice()] * 2
+    assert (shipper.catch_up.started, shipper.counters.catch_ups) == (0, 0)
+    assert "priority" not in caplog.text
 
 
 def test_a_ring_past_half_full_is_caught_up_at_the_processs_priority_then_left_to_the_low_one(

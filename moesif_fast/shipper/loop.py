@@ -62,7 +62,7 @@ class ShipperCounters:
     build_errors: int = 0  # events that could not be built
     batches: int = 0  # batches acknowledged
     in_flight: int = 0
-    catching_up: bool = False  # working at the process's priority, not below the workers'
+    catching_up: bool = False  # the ring passed half full: working at the process's priority
     catch_ups: int = 0  # catch-ups begun (the ring passed half full)
     last_delivery_ns: int = 0
     last_error: str | None = None
@@ -101,6 +101,7 @@ class Shipper:
         self.refresher = PolicyRefresher(transport, policy_snapshot_path(ring.path))
         self.catch_up = CatchUp()
         self._finishing = False
+        self._normal_priority = False  # while catching up or finishing
         # Requests for the senders at low priority and at the process's; None stops a sender.
         self._low_jobs: queue.Queue[Request | None] = queue.Queue()
         self._normal_jobs: queue.Queue[Request | None] = queue.Queue()
@@ -119,7 +120,8 @@ class Shipper:
                 threading.Thread(target=self._send_forever, args=(jobs, priority == "low"),
                                  name=f"moesif-sender-{priority}-{number}", daemon=True).start()
         try:
-            return drive(self._passes(should_finish, finish_deadline), self._catching_up)
+            return drive(self._passes(should_finish, finish_deadline),
+                         self._wants_normal_priority)
         finally:
             for jobs in (self._low_jobs, self._normal_jobs):
                 _move_all(jobs, queue.Queue())  # not sent: still in the ring, not committed
@@ -167,18 +169,21 @@ class Shipper:
             self._collect_results(wait=LINGER / 5 if open_batch or self._in_flight
                                   else IDLE_POLL)
 
-    def _catching_up(self) -> bool:
-        """Whether the next pass should run at the process's priority (see `priority.py`);
-        a change of mind also moves the batches waiting for a sender."""
-        was_catching_up = self.catch_up.active
-        catching_up = self.catch_up.update(self.reader.fill(), self._finishing)
+    def _wants_normal_priority(self) -> bool:
+        """Whether the next pass and new batches go to the process's priority: while catching
+        up (see `priority.py`) or finishing. Moving there also moves the batches waiting for a
+        sender."""
+        was_catching_up, was_normal = self.catch_up.active, self._normal_priority
+        catching_up = self.catch_up.update(self.reader.fill())
         if catching_up and not was_catching_up:
             logger.info("moesif_fast shipper: the ring is over half full; catching up at the "
                         "process's CPU priority")
-            _move_all(self._low_jobs, self._normal_jobs)
         elif was_catching_up and not catching_up:
             logger.info("moesif_fast shipper: caught up; back below the workers' CPU priority")
-        return catching_up
+        self._normal_priority = catching_up or self._finishing
+        if self._normal_priority and not was_normal:
+            _move_all(self._low_jobs, self._normal_jobs)
+        return self._normal_priority
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -208,7 +213,8 @@ class Shipper:
             return
         self._in_flight += 1
         self._unsettled[batch] = BatchProgress(len(requests))
-        jobs = self._normal_jobs if self.catch_up.active else self._low_jobs
+        jobs = self._normal_jobs if self._normal_priority or self._finishing \
+            else self._low_jobs
         for request in requests:
             jobs.put(request)
 

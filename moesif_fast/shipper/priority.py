@@ -15,6 +15,7 @@ the wanted priority, and the loop hands each batch to a sender of that priority.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -28,16 +29,12 @@ LOW_WATER = 0.125  # fill under which the shipper goes back to the low priority
 Result = TypeVar("Result")
 
 
-def lower_this_thread() -> bool:
-    """Give the calling thread nice value LOW_NICE. False where a thread has no nice value of
-    its own (not Linux) or the change is refused; the thread then keeps the process's."""
-    if sys.platform != "linux":
-        return False
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_NICE)
-    except OSError:
-        return False
-    return True
+def lower_this_thread() -> None:
+    """Give the calling thread nice value LOW_NICE. Where a thread has no nice value of its own
+    (not Linux) or the change is refused, it keeps the process's."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_NICE)
 
 
 class CatchUp:
@@ -48,9 +45,9 @@ class CatchUp:
         self.active = False
         self.started = 0  # catch-ups begun so far
 
-    def update(self, fill: float, finishing: bool) -> bool:
+    def update(self, fill: float) -> bool:
         was_active = self.active
-        self.active = finishing or fill >= (LOW_WATER if was_active else HIGH_WATER)
+        self.active = fill >= (LOW_WATER if was_active else HIGH_WATER)
         if self.active and not was_active:
             self.started += 1
         return self.active
@@ -81,7 +78,7 @@ class _Turn:
     def __init__(self, normal: bool) -> None:
         self.normal = normal
         self.done = False
-        self.result = None
+        self.result: object = None
         self.error: BaseException | None = None
         self._changed = threading.Condition()
 
