@@ -75,17 +75,16 @@ def test_drive_raises_what_the_priority_check_raised_in_the_low_thread() -> None
         drive(recording_passes(3, []), wants_normal)
 
 
-@pytest.mark.parametrize(("fills", "states"), [
+@pytest.mark.parametrize(("fills", "states", "started"), [
     ([0.0, HIGH_WATER - 0.01, HIGH_WATER, 0.3, LOW_WATER, LOW_WATER - 0.01, 0.3],
-     [False, False, True, True, True, False, False]),
-    ([1.0, 0.0, 1.0, 0.0], [True, False, True, False]),
+     [False, False, True, True, True, False, False], 1),
+    ([1.0, 0.0, 1.0, 0.0], [True, False, True, False], 2),
 ])
 def test_a_catch_up_starts_at_high_water_and_ends_under_low_water(
-        fills: list[float], states: list[bool]) -> None:
+        fills: list[float], states: list[bool], started: int) -> None:
     catch_up = CatchUp()
     assert [catch_up.update(fill) for fill in fills] == states
-    starts = zip([False, *states[:-1]], states, strict=True)
-    assert catch_up.started == sum(1 for before, now in starts if now and not before)
+    assert catch_up.started == started
 
 
 # -- a shipper ----------------------------------------------------------------------------------
