@@ -6,9 +6,9 @@ can see exactly what would be sent. Standard library and orjson only.
 
 Ingestion (`POST /v1/...`):
 - bodies may be gzip (`Content-Encoding: gzip`) or plain, with a Content-Length (chunked is
-  411); at most `MAX_BODY_BYTES` on the wire and after inflating. A larger declared body is read
-  and thrown away in chunks, never held, then answered 413: the client that sends it all gets
-  the answer instead of a reset, and the connection stays usable;
+  411); at most `MAX_BODY_BYTES` on the wire and after inflating. A larger declared body is
+  answered 413 at once, then read and thrown away in chunks, never held: the client that sends
+  it all gets the answer instead of a reset, and the connection stays usable;
 - `X-Moesif-Application-Id` must equal the configured id, or be non-empty when none is
   configured (401 otherwise);
 - bad gzip, bad JSON or a wrong shape is answered 400 with `{"error": "..."}` (an event needs
@@ -28,8 +28,22 @@ Control API (no application id), for tests of a client against a misbehaving col
   bodies as one JSON array in arrival order. Event ids are 1, 2, 3... so a reader that has seen
   N events asks for `since_id=N`.
 
+Limits, so that no client can stall the others or make the collector's memory grow without bound:
+- a connection silent for `CONNECTION_TIMEOUT_S` (in the middle of a request, or idle between
+  keep-alive requests), or that leaves an answer untaken that long, is closed;
+- at most `MAX_REQUESTS_IN_FLIGHT` requests are handled at once (from reading the body to
+  sending the answer), each holding at most `MAX_BODY_BYTES` on the wire and as many inflated,
+  plus their parsed JSON. A request that finds no free slot within `SLOT_WAIT_S` is answered 503
+  with `Retry-After` (Moesif clients retry it; nothing is stored) and its body thrown away as for
+  a 413. Until it has a slot, a connection costs a thread but holds no body;
+- the listen backlog is `socket.SOMAXCONN`, so that a burst of connections waits to be accepted
+  instead of being refused.
+
 Storage: one SQLite file in WAL mode, so other processes can read it while the collector writes;
-the `read_*` functions take only its path. Tables:
+the `read_*` functions take only its path. It holds captured headers (bearer tokens): the
+collector creates it owner-only (`PRIVATE_FILE_MODE`) before SQLite opens it, and SQLite gives its
+`-wal` and `-shm` files the same mode. An existing file, or a `-wal` or `-shm` left by a killed
+collector, loses any group and other access; a symlink in its place is refused. Tables:
 - `requests(id, received_at, method, path, status)`: every request outside the control API;
 - `batches(id, received_at, path, event_count, raw_bytes, gzip, first_event_id, body)`: one per
   stored ingestion request; `event_count` counts the events or entities it carried, `raw_bytes`
@@ -72,6 +86,7 @@ import re
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -92,6 +107,24 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 50 * 1024 * 1024
 """Moesif's limit for one request body, compressed or not: 50 MB, taken as 50 MiB."""
+MAX_REQUESTS_IN_FLIGHT = 4
+"""Requests handled at once. One shipper sends at most 4 batches at once, so it never waits; a
+request of MAX_BODY_BYTES of events takes about 300 MB at its peak (the body, its inflated copy,
+the text and the parsed events), so 4 of them stay near 1.2 GB however many clients connect.
+The work is mostly Python, which runs one thread at a time: more slots would add memory rather
+than speed."""
+SLOT_WAIT_S = 2.0
+"""How long a request waits for a free slot before it is answered 503. Normal requests hold one
+for milliseconds; this is well under the shipper's 30 s read timeout, so that a client never gives
+up on a request the collector would still store (its retry would store it twice)."""
+BUSY_RETRY_AFTER_S = 1
+"""The Retry-After of that 503, in seconds."""
+CONNECTION_TIMEOUT_S = 30.0
+"""How long a connection may stay silent, or leave an answer untaken, before it is closed: much
+longer than any pause of a working client, short enough that a stalled one soon frees its thread
+(and its slot, if it stalled in the middle of a body)."""
+PRIVATE_FILE_MODE = 0o600
+"""The mode of the database file, and so of its -wal and -shm: they hold captured headers."""
 
 DEFAULT_CONFIG: dict[str, Any] = {"sample_rate": 100}
 DEFAULT_DB_PATH = Path("moesif-collector.sqlite3")
@@ -203,6 +236,9 @@ class Rejection(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+    def reply(self) -> Reply:
+        return json_reply(self.status, {"error": self.message}, self.headers)
 
 
 class BadShape(Exception):
@@ -467,6 +503,7 @@ class CollectorStore:
 
     def __init__(self, db_path: Path) -> None:
         self._lock = threading.Lock()
+        make_private(db_path)
         # Autocommit: a statement outside BEGIN is a transaction of its own.
         self._connection = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         try:
@@ -515,6 +552,28 @@ class CollectorStore:
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+
+
+def make_private(db_path: Path) -> None:
+    """Create the database file with PRIVATE_FILE_MODE unless it exists, before SQLite opens it
+    (SQLite then creates -wal and -shm with its mode), and take group and other access away from
+    an existing one and from a -wal or -shm already there. A symlink is refused, not followed.
+    Not done with the umask: it is the whole process's, and other threads create files too."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    restrict_to_owner(os.open(db_path, flags | os.O_CREAT, PRIVATE_FILE_MODE))
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            restrict_to_owner(os.open(f"{db_path}{suffix}", flags))
+
+
+def restrict_to_owner(descriptor: int) -> None:
+    """Take group and other access away from the open file, and close it."""
+    try:
+        mode = stat.S_IMODE(os.fstat(descriptor).st_mode)
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            os.fchmod(descriptor, mode & stat.S_IRWXU)
+    finally:
+        os.close(descriptor)
 
 
 def create_schema(connection: sqlite3.Connection, db_path: Path) -> None:
@@ -638,6 +697,7 @@ class CollectorServer(ThreadingHTTPServer):
     """The HTTP server and what its handler threads share."""
 
     daemon_threads = False  # server_close() waits for requests in flight
+    request_queue_size = socket.SOMAXCONN  # the listen backlog (the kernel may cap it lower)
 
     def __init__(
         self,
@@ -646,12 +706,15 @@ class CollectorServer(ThreadingHTTPServer):
         controls: Controls,
         application_id: str | None,
         db_path: Path,
+        connection_timeout_s: float = CONNECTION_TIMEOUT_S,
     ) -> None:
         super().__init__(address, CollectorRequestHandler)
         self.store = store
         self.controls = controls
         self.application_id = application_id
         self.db_path = db_path
+        self.connection_timeout_s = connection_timeout_s
+        self.request_slots = threading.BoundedSemaphore(MAX_REQUESTS_IN_FLIGHT)
         self._open_connections: set[socket.socket] = set()
         self._open_connections_lock = threading.Lock()
 
@@ -681,6 +744,10 @@ class CollectorRequestHandler(BaseHTTPRequestHandler):
 
     header_fields: dict[str, str]
     """The request's header fields by lowercase name (the first of repeated ones)."""
+
+    def setup(self) -> None:
+        self.timeout = self.server.connection_timeout_s  # every read and write of the connection
+        super().setup()
 
     def parse_request(self) -> bool:
         """Read the request line and the header fields into `header_fields`; False when the
@@ -729,19 +796,40 @@ class CollectorRequestHandler(BaseHTTPRequestHandler):
         return True
 
     def handle_any_method(self) -> None:
+        """Answer the request in one of the request slots; a body too large, or that would wait
+        too long for a slot, is answered at once and then thrown away."""
         path, _, query = self.path.partition("?")
+        slots = self.server.request_slots
+        length = 0
         try:
-            reply = self.route(path, query, self.read_body())
+            length = self.body_length()
+            if length > MAX_BODY_BYTES:
+                raise Rejection(413, f"body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+            if not slots.acquire(timeout=SLOT_WAIT_S):
+                raise Rejection(503, f"{MAX_REQUESTS_IN_FLIGHT} requests in flight; retry",
+                                {"Retry-After": str(BUSY_RETRY_AFTER_S)})
         except Rejection as rejection:
-            reply = json_reply(rejection.status, {"error": rejection.message}, rejection.headers)
+            self.answer(path, rejection.reply())
+            self.discard_body(length)
+            return
+        try:
+            try:
+                reply = self.route(path, query, self.read_body(length))
+            except Rejection as rejection:
+                reply = rejection.reply()
+            self.answer(path, reply)
+        finally:
+            slots.release()
+
+    do_GET = do_POST = do_PUT = handle_any_method
+
+    def answer(self, path: str, reply: Reply) -> None:
         if not path.startswith(CONTROL_PREFIX):
             self.server.store.record_request(self.command, path, reply.status, reply.batch)
         self.send_reply(reply)
 
-    do_GET = do_POST = do_PUT = handle_any_method
-
-    def read_body(self) -> bytes:
-        """The request body, read whole; a body that cannot or must not be read is a Rejection."""
+    def body_length(self) -> int:
+        """The request body's declared length; a Rejection if it has none that can be read."""
         if "transfer-encoding" in self.header_fields:
             self.close_connection = True
             raise Rejection(411, "send a Content-Length; chunked bodies are not accepted")
@@ -749,10 +837,10 @@ class CollectorRequestHandler(BaseHTTPRequestHandler):
         if not ASCII_DIGITS.fullmatch(declared):
             self.close_connection = True
             raise Rejection(400, "bad Content-Length")
-        length = int(declared)
-        if length > MAX_BODY_BYTES:
-            self.discard_body(length)
-            raise Rejection(413, f"body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+        return int(declared)
+
+    def read_body(self, length: int) -> bytes:
+        """The request body of `length` bytes, read whole; a Rejection if it is cut short."""
         body = self.rfile.read(length)
         if len(body) < length:
             self.close_connection = True
@@ -763,12 +851,17 @@ class CollectorRequestHandler(BaseHTTPRequestHandler):
         return self.header_fields.get("content-encoding", "identity").lower()
 
     def discard_body(self, length: int) -> None:
-        while length > 0:
-            chunk = self.rfile.read(min(length, DISCARD_CHUNK_BYTES))
-            if not chunk:
-                self.close_connection = True
-                return
-            length -= len(chunk)
+        """Read `length` body bytes and throw them away, so that the connection stays usable."""
+        try:
+            while length > 0:
+                chunk = self.rfile.read(min(length, DISCARD_CHUNK_BYTES))
+                if not chunk:
+                    break
+                length -= len(chunk)
+        except ConnectionError:  # the client took its answer and hung up
+            pass
+        if length > 0:
+            self.close_connection = True
 
     def route(self, path: str, query: str, body: bytes) -> Reply:
         allowed = METHODS_BY_PATH.get(path)
@@ -891,9 +984,13 @@ class LocalCollector:
         config: dict[str, Any] | None = None,
         rules: list[Any] | None = None,
         allow_remote: bool = False,
+        connection_timeout_s: float = CONNECTION_TIMEOUT_S,
     ) -> None:
         """`application_id` None accepts any non-empty id; `port` 0 picks a free port;
-        `config` and `rules` are what GET /v1/config and /v1/rules serve at first."""
+        `config` and `rules` are what GET /v1/config and /v1/rules serve at first;
+        `connection_timeout_s` replaces CONNECTION_TIMEOUT_S (tests of stalled clients)."""
+        if not connection_timeout_s > 0:
+            raise ValueError(f"connection_timeout_s must be > 0, not {connection_timeout_s}")
         if application_id == "":
             raise ValueError("application_id must be non-empty, or None to accept any id")
         if not 0 <= port <= 65535:
@@ -909,6 +1006,7 @@ class LocalCollector:
         self.port = port
         self._initial_config = DEFAULT_CONFIG if config is None else config
         self._initial_rules = [] if rules is None else rules
+        self._connection_timeout_s = connection_timeout_s
         self._server: CollectorServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -927,7 +1025,12 @@ class LocalCollector:
         try:
             controls = Controls(self._initial_config, self._initial_rules)
             server = CollectorServer(
-                (self.host, self.port), store, controls, self.application_id, self.db_path
+                (self.host, self.port),
+                store,
+                controls,
+                self.application_id,
+                self.db_path,
+                self._connection_timeout_s,
             )
         except BaseException:
             store.close()
@@ -981,6 +1084,9 @@ class LocalCollector:
 # --- command line --------------------------------------------------------------------------------
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+APPLICATION_ID_VARIABLE = "MOESIF_COLLECTOR_APPLICATION_ID"
+"""The environment variable `--application-id` defaults to: unlike a command line, which `ps`
+shows every user, a process's environment is readable by its owner only."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -993,7 +1099,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8085, help="port; 0 picks a free one")
     parser.add_argument("--db", type=Path, default=DEFAULT_DB_PATH, help="SQLite file to store in")
     parser.add_argument(
-        "--application-id", help="accept only this X-Moesif-Application-Id (default: any)"
+        "--application-id",
+        default=os.environ.get(APPLICATION_ID_VARIABLE) or None,
+        help=f"accept only this X-Moesif-Application-Id (default: ${APPLICATION_ID_VARIABLE} if "
+        "set, else any); every user can read a command line: prefer the variable",
     )
     parser.add_argument(
         "--allow-remote",

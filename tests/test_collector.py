@@ -12,6 +12,7 @@ import select
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -21,11 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 
 from moesif_fast.collector import (
+    BUSY_RETRY_AFTER_S,
     MAX_BODY_BYTES,
+    MAX_REQUESTS_IN_FLIGHT,
+    SLOT_WAIT_S,
     LocalCollector,
     main,
     read_entities,
@@ -228,6 +233,42 @@ def test_oversized_bodies_are_413_and_the_connection_stays_usable(
     assert too_big[1] == inflates_too_big[1] == after[1], "the collector closed the connection"
     assert [event["transaction_id"] for event in local_collector.events()] == ["txn-1"]
     assert local_collector.stats()["rejected"] == {"413": 2}
+
+
+def test_an_oversized_body_is_answered_413_before_it_is_sent_and_never_held(
+    local_collector: LocalCollector,
+) -> None:
+    host, port = local_collector.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    declared = 4 * MAX_BODY_BYTES
+    chunk = b" " * (1 << 20)  # the body is this one buffer, sent again and again
+    try:
+        connection.putrequest("POST", "/v1/events/batch")
+        for name, value in HEADERS.items():
+            connection.putheader(name, value)
+        connection.putheader("Content-Length", str(declared))
+        connection.endheaders()
+        connection.send(chunk)
+        # The client stalls after 1 MiB of 200: an answer can only come before the body.
+        early = connection.getresponse()
+        early.read()
+        memory = psutil.Process()  # the collector serves from this process
+        baseline = peak = memory.memory_info().rss
+        for sent in range(len(chunk), declared, len(chunk)):
+            connection.send(chunk[:declared - sent])
+            if sent % (16 * len(chunk)) == 0:
+                peak = max(peak, memory.memory_info().rss)
+        connection.request("POST", "/v1/events/batch", body=json.dumps([make_event(1)]),
+                           headers=HEADERS)
+        after = connection.getresponse()
+        after.read()
+    finally:
+        connection.close()
+
+    assert early.status == 413
+    assert peak - baseline < MAX_BODY_BYTES // 2, "the collector held the body it refused"
+    assert after.status == 201, "the connection is not usable after the 413"
+    assert [event["transaction_id"] for event in local_collector.events()] == ["txn-1"]
 
 
 def test_config_and_rules_are_served_with_tags_that_batches_echo(
@@ -527,6 +568,66 @@ def test_a_database_of_the_older_layout_is_refused(tmp_path: Path) -> None:
         LocalCollector(db_path).start()
 
 
+def file_modes(db_path: Path) -> dict[str, int]:
+    """The permission bits of the database and of its -wal and -shm files."""
+    return {suffix: stat.S_IMODE(os.stat(f"{db_path}{suffix}").st_mode)
+            for suffix in ("", "-wal", "-shm")}
+
+
+@contextlib.contextmanager
+def usual_umask() -> Iterator[None]:
+    """The umask 022 of most logins, under which a file created without care is 0644."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def test_the_database_and_its_wal_and_shm_are_owner_only(tmp_path: Path) -> None:
+    db_path = tmp_path / "collector.sqlite3"
+    with usual_umask(), LocalCollector(db_path, application_id=APP_ID) as collector:
+        assert post_json(collector, "/v1/events/batch", [make_event(1)]).status_code == 201
+        modes = file_modes(db_path)  # while it runs: the -wal and -shm go when it stops
+
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+
+
+def test_an_existing_database_and_its_left_wal_and_shm_are_made_owner_only(
+    tmp_path: Path,
+) -> None:
+    db_path = tmp_path / "collector.sqlite3"
+    with LocalCollector(db_path, application_id=APP_ID) as collector:
+        assert post_json(collector, "/v1/events/batch", [make_event(1)]).status_code == 201
+    db_path.chmod(0o644)  # as an older collector left it
+    # A reader keeps a -wal and a -shm there, as a killed collector leaves them; SQLite creates
+    # them with the database's mode.
+    reader = sqlite3.connect(db_path)
+    try:
+        assert reader.execute("SELECT count(*) FROM batches").fetchone() == (1,)
+        assert file_modes(db_path) == {"": 0o644, "-wal": 0o644, "-shm": 0o644}
+
+        with LocalCollector(db_path, application_id=APP_ID) as collector:
+            assert post_json(collector, "/v1/events/batch", [make_event(2)]).status_code == 201
+            modes = file_modes(db_path)
+    finally:
+        reader.close()
+
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+    assert [event["transaction_id"] for event in read_events(db_path)] == ["txn-1", "txn-2"]
+
+
+def test_a_symlink_in_place_of_the_database_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.sqlite3"
+    db_path = tmp_path / "collector.sqlite3"
+    db_path.symlink_to(target)
+
+    with pytest.raises(OSError):
+        LocalCollector(db_path).start()
+
+    assert not target.exists()
+
+
 def raw_exchange(collector: LocalCollector, request: bytes) -> bytes:
     """Send `request` as is and read until the collector closes the connection."""
     host, port = collector.url.removeprefix("http://").split(":")
@@ -640,6 +741,68 @@ def test_stop_answers_the_request_in_flight_and_ends_idle_connections(tmp_path: 
         busy.close()
         idle.close()
         collector.stop()
+
+
+def test_a_stalled_client_holds_up_no_one_and_is_dropped_after_the_timeout(
+    tmp_path: Path,
+) -> None:
+    timeout_s = 10.0
+    body = json.dumps([make_event(1)]).encode()
+    head = (b"POST /v1/events/batch HTTP/1.1\r\nX-Moesif-Application-Id: " + APP_ID.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+    halves = [head[:len(head) // 2], head + body[:len(body) // 2]]  # of the head, of the body
+    with LocalCollector(tmp_path / "collector.sqlite3", application_id=APP_ID,
+                        connection_timeout_s=timeout_s) as collector:
+        host, port = collector.url.removeprefix("http://").split(":")
+        stalled = [socket.create_connection((host, int(port)), timeout=60) for _ in halves]
+        try:
+            for connection, half in zip(stalled, halves, strict=True):
+                connection.sendall(half)
+            stalled_at = time.monotonic()
+
+            response = post_json(collector, "/v1/events/batch", [make_event(2)])
+
+            assert response.status_code == 201
+            assert [event["transaction_id"] for event in collector.events()] == ["txn-2"]
+            readable, _, _ = select.select(stalled, [], [], 0)
+            assert readable == [], "not open any more (an end of file is readable)"
+            # Closed by the collector, without an answer (the recv timeout of 60 s is a guard).
+            assert [connection.recv(65536) for connection in stalled] == [b"", b""]
+            assert time.monotonic() - stalled_at > timeout_s / 2, "closed before its timeout"
+        finally:
+            for connection in stalled:
+                connection.close()
+        assert [event["transaction_id"] for event in collector.events()] == ["txn-2"]
+
+
+def test_clients_beyond_the_request_slots_get_503_and_no_event_is_lost_or_doubled(
+    local_collector: LocalCollector,
+) -> None:
+    clients = 4 * MAX_REQUESTS_IN_FLIGHT
+    # Each request holds its slot this long, so the clients that find none give up waiting
+    # (SLOT_WAIT_S) well before a slot is free again.
+    delay_s = SLOT_WAIT_S + 3
+    faults = requests.post(local_collector.url + "/_collector/faults", json={"delay_s": delay_s})
+    assert faults.status_code == 204
+    all_ready = threading.Barrier(clients)
+
+    def send(number: int) -> requests.Response:
+        all_ready.wait(timeout=60)
+        return post_json(local_collector, "/v1/events/batch", [make_event(number)])
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        responses = list(pool.map(send, range(clients)))
+
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) == {201, 503}, statuses
+    assert all(response.headers["Retry-After"] == str(BUSY_RETRY_AFTER_S)
+               for response in responses if response.status_code == 503)
+    stored = [event["transaction_id"] for event in local_collector.events()]
+    assert sorted(stored) == sorted(f"txn-{number}" for number, status in enumerate(statuses)
+                                    if status == 201)
+    assert local_collector.stats()["rejected"] == {"503": statuses.count(503)}
+    assert requests.get(local_collector.url + "/health/probe", headers=HEADERS,
+                        timeout=30).status_code == 200
 
 
 def test_cli_prints_its_url_stores_and_exits_0_on_sigterm(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ..collector import APPLICATION_ID_VARIABLE
 from ..settings import MoesifOptions
 from ..stats import collect, find_rings
 
@@ -36,11 +37,12 @@ def gunicorn_config() -> str:
 def start_collector(directory: str, application_id: str = APPLICATION_ID, port: int = 0
                     ) -> tuple[subprocess.Popen[str], str]:
     """Start `python -m moesif_fast collector` on loopback (port 0: a free one) storing into
-    `directory`/collector.sqlite3; returns the process and its URL."""
+    `directory`/collector.sqlite3; returns the process and its URL. The application id goes
+    through the environment, as for gunicorn: a command line is visible to every user."""
     process = subprocess.Popen(
         [sys.executable, "-m", "moesif_fast", "collector", "--port", str(port), "--quiet",
-         "--db", os.path.join(directory, "collector.sqlite3"), "--application-id",
-         application_id],
+         "--db", os.path.join(directory, "collector.sqlite3")],
+        env={**os.environ, APPLICATION_ID_VARIABLE: application_id},
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     line = process.stdout.readline() if process.stdout else ""
     found = re.search(r"(http://\S+)", line)
