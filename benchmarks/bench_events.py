@@ -6,7 +6,7 @@ Records as in bench_shipper.py (ten request headers, two response headers, the s
 on both sides), with three kinds of 1 KB body: JSON made mostly of one long string, JSON made of
 35 small objects, and plain text (sent as base64). The stages, side by side for each kind:
 
-* decode: `record.decode`, payload → CapturedCall (marshal and the record's type checks);
+* decode: `record.decode`, payload → CapturedCall (MessagePack and the record's type checks);
 * encode: `EventBuilder.encode`, CapturedCall → the event's JSON text (header naming, IP, user,
   times, body detection and JSON validation, writing the text);
 * batch: `serialize_batch`, BATCH_SIZE JSON events → one JSON array;

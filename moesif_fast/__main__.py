@@ -1,4 +1,4 @@
-"""Command line: `python -m moesif_fast {ship,supervise,collector,stats,demo}`."""
+"""Command line: `python -m moesif_fast {ship,supervise,prepare,collector,stats,demo}`."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     supervise.add_argument("--parent", type=int, required=True)
     supervise.add_argument("--deadline", type=float, required=True)
 
+    prepare = commands.add_parser("prepare", help="check the settings and create a gunicorn "
+                                                  "server's ring (run by the hooks)")
+    prepare.add_argument("--settings", required=True)
+    prepare.add_argument("--workers", type=int, required=True)
+
     commands.add_parser("collector", help="run a local Moesif-compatible collector "
                                           "(see: collector --help)")
 
@@ -62,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, "-m", "moesif_fast", "ship", "--ring", args.ring,
                    "--settings", args.settings, "--parent", str(args.parent)]
         return run_supervisor(command, ParentWatch(args.parent), args.deadline)
+    if args.command == "prepare":
+        from .prepare import main as prepare_main
+
+        return prepare_main(args.settings, args.workers)
     if args.command == "stats":
         from .stats import main as stats_main
 

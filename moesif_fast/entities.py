@@ -350,7 +350,7 @@ def _identifier(value: object) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return str.__str__(value) or None  # an exact str, which marshal carries
+        return str.__str__(value) or None  # an exact str, which the record carries as one
     if isinstance(value, int) and not isinstance(value, bool):
         return str(int(value))
     if isinstance(value, uuid.UUID):

@@ -6,9 +6,11 @@ or import these hooks into your own config::
     from moesif_fast.gunicorn import when_ready, pre_fork, on_exit
 
 - `when_ready` (arbiter, before the first fork): finds the Django settings module (from
-  DJANGO_SETTINGS_MODULE, else the default `wsgi.py` sets), reads MOESIF_MIDDLEWARE, creates
-  the ring, exports its path in MOESIF_FAST_RING for the workers, and starts the supervisor
-  (`python -m moesif_fast supervise`), which keeps one `moesif_fast ship` process running.
+  DJANGO_SETTINGS_MODULE, else the default `wsgi.py` sets), has `python -m moesif_fast
+  prepare` read MOESIF_MIDDLEWARE and create the ring (Django is never imported in the
+  arbiter: see `moesif_fast.prepare`), exports the ring's path in MOESIF_FAST_RING for the
+  workers, and starts the supervisor (`python -m moesif_fast supervise`), which keeps one
+  `moesif_fast ship` process running.
 - `pre_fork` (arbiter, before each worker fork): starts the supervisor again if it died.
 - `on_exit` (arbiter, after the workers stopped): tells the supervisor to finish, waits while
   the shipper delivers what is left (up to SHUTDOWN_DEADLINE), and removes the ring file when
@@ -22,6 +24,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -30,12 +33,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import ringfile
+from . import private, ringfile
 from .ringbuffer import RingError, RingFile
-from .settings import MoesifOptions, load, problems
 
 SETTINGS_ENV = "DJANGO_SETTINGS_MODULE"
 EXIT_GRACE = 10.0  # seconds beyond SHUTDOWN_DEADLINE that on_exit waits for the supervisor
+PREPARE_TIMEOUT = 60.0  # seconds `moesif_fast prepare` may take (it imports the settings)
 
 
 class _State:
@@ -68,25 +71,19 @@ def when_ready(server: Any) -> None:
         server.log.error("moesif_fast: cannot tell the Django settings module (set %s); "
                          "events go through the middleware's fallback shipper", SETTINGS_ENV)
         return
-    options = _options(server, settings_module)
-    if options is None:
+    prepared = _prepare(server, settings_module)
+    if prepared is None:
         return
-    geometry = ringfile.geometry(options, ringfile.producers_for_workers(server.num_workers))
-    path = ringfile.ring_path(options, settings_module, geometry)
-    try:
-        RingFile.open(path, geometry).close()
-    except (OSError, RingError) as error:
-        server.log.error("moesif_fast: cannot create the event ring %s: %s", path, error)
-        return
+    path = prepared["ring"]
     os.environ[ringfile.RING_ENV] = path
     _State.ring_path = path
-    _State.deadline = options.SHUTDOWN_DEADLINE
+    _State.deadline = float(prepared["deadline"])
     _State.command = [sys.executable, "-m", "moesif_fast", "supervise", "--ring", path,
                       "--settings", settings_module, "--parent", str(os.getpid()),
-                      "--deadline", str(options.SHUTDOWN_DEADLINE)]
+                      "--deadline", str(_State.deadline)]
     _start_supervisor(server)
     server.log.info("moesif_fast: ring %s (%d MiB), shipper supervisor pid %d", path,
-                    geometry.file_size >> 20, _State.supervisor.pid)
+                    prepared["size_mib"], _State.supervisor.pid)
 
 
 @_never_raises
@@ -128,36 +125,33 @@ def settings_module_of(app_uri: str) -> str | None:
     return None
 
 
-def _options(server: Any, settings_module: str) -> MoesifOptions | None:
-    """MOESIF_MIDDLEWARE from the settings module, read without configuring Django in the
-    arbiter (django.conf.Settings also sets the process's TZ; that is undone here)."""
-    from django.conf import Settings
-
-    timezone = os.environ.get("TZ")
+def _prepare(server: Any, settings_module: str) -> dict[str, Any] | None:
+    """Check the settings and create the ring in `python -m moesif_fast prepare` (no Django in
+    the arbiter: see `moesif_fast.prepare`); its messages go to gunicorn's log. None when
+    nothing can be captured."""
+    command = [sys.executable, "-m", "moesif_fast", "prepare", "--settings", settings_module,
+               "--workers", str(server.num_workers)]
     try:
-        raw = getattr(Settings(settings_module), "MOESIF_MIDDLEWARE", None)
-    except Exception as error:
-        server.log.error("moesif_fast: cannot load settings %s: %s", settings_module, error)
+        finished = subprocess.run(command, env=_child_environment(), capture_output=True,
+                                  text=True, timeout=PREPARE_TIMEOUT, stdin=subprocess.DEVNULL)
+        prepared = json.loads(finished.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as error:
+        server.log.error("moesif_fast: could not prepare the event ring (%s); nothing is "
+                         "captured", error)
         return None
-    finally:
-        if timezone is None:
-            os.environ.pop("TZ", None)
-        else:
-            os.environ["TZ"] = timezone
-        time.tzset()
-    found = problems(raw)
-    for problem in found:
-        log = server.log.error if problem.is_serious() else server.log.warning
-        log("moesif_fast: %s (%s)", problem.msg, problem.id)
-    if any(problem.is_serious() for problem in found):
-        server.log.error("moesif_fast: nothing is captured until MOESIF_MIDDLEWARE is fixed")
-        return None
-    return load(raw)
+    for level, message in prepared["messages"]:
+        (server.log.error if level == "ERROR" else server.log.warning)("moesif_fast: %s",
+                                                                        message)
+    return prepared if prepared["ring"] else None
+
+
+def _child_environment() -> dict[str, str]:
+    """The arbiter's environment, with its import path (the app's folder, --pythonpath)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
 
 
 def _start_supervisor(server: Any) -> None:
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    _State.supervisor = subprocess.Popen(_State.command, env=environment,
+    _State.supervisor = subprocess.Popen(_State.command, env=_child_environment(),
                                          stdin=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -181,10 +175,8 @@ def _remove_drained_ring(server: Any) -> None:
         stats = ring.stats()
         if stats.bytes_in_use == 0 and not ring.owned_lanes():
             ring.unlink()
-            for companion in (ringfile.shipper_stats_path(_State.ring_path),
-                              ringfile.policy_snapshot_path(_State.ring_path)):
-                if os.path.exists(companion):
-                    os.unlink(companion)
+            private.remove_file(ringfile.shipper_stats_path(_State.ring_path))
+            private.remove_file(ringfile.policy_snapshot_path(_State.ring_path))
         else:
             server.log.warning("moesif_fast: %d events were not delivered; they stay in %s "
                                "and are sent by the next shipper", stats.records_in_use,

@@ -26,7 +26,7 @@ Rules:
   the same).
 - SKIP_OUTGOING is asked first. The callbacks get `(final PreparedRequest, Response)`; one that
   raises is treated as returning None. Their results go into the record as they are, or as
-  plain JSON types when marshal cannot carry them.
+  plain JSON types when MessagePack cannot carry them.
 - Bodies (LOG_BODY_OUTGOING): the request body when it is bytes-like or text (encoded as UTF-8,
   as urllib3 sends it); an upload from a file or an iterator is recorded as None, never read.
   The response body only when the response is not streamed (`stream=True` on the call or the

@@ -4,6 +4,18 @@ The gunicorn hooks, the middleware's fallback, the shipper and `stats` all call 
 process of one deployment agrees on the file without talking to each other. The path encodes
 the geometry: a changed EVENT_QUEUE_SIZE or worker count gives a new file, never a mismatch.
 
+Where: every ring of a user, with its companion files, is in that user's private state folder
+`<RING_DIR>/moesif_fast-<euid>/` (mode 0700, checked before use: see `moesif_fast.private`):
+
+    <digest>.ring               the ring (`ringbuffer.layout`)
+    <digest>.ring.locks/        its lock files
+    <digest>.ring.policy.json   config and rules the shipper fetched (`snapshot`)
+    <digest>.ring.shipper.json  the shipper's counters (`stats`)
+    <digest>.ring.shipper.log   the log of a shipper a worker started (fallback mode)
+
+The spool (`moesif_fast.spool`) is on disk, in the state folder of the same name in SPOOL_DIR:
+`<SPOOL_DIR>/moesif_fast-<euid>/<digest>.spool/`.
+
 Sizing rule (documented in the README): the ring holds at most `options.ring_bytes` of lane data
 (RING_BYTES, or EVENT_QUEUE_SIZE × 4 KiB clamped to [4 MiB, 32 MiB]), split into power-of-two
 lanes, one per producer process plus one shared overflow lane, each large enough for an event
@@ -16,9 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import TYPE_CHECKING
 
-from .ringbuffer import Geometry
-from .settings import MoesifOptions
+from . import private
+from .ringbuffer import Geometry, RingFile
+
+if TYPE_CHECKING:  # not imported at run time: the gunicorn arbiter imports this module, and
+    from .settings import MoesifOptions  # settings imports Django (see moesif_fast.prepare)
 
 RING_ENV = "MOESIF_FAST_RING"  # set by the gunicorn hooks; workers attach to this path
 FALLBACK_PRODUCERS = 16  # dedicated lanes when no hook told us the number of workers
@@ -27,9 +43,13 @@ RECORD_HEADROOM = 64 << 10  # room for headers, URI and callback results in the 
 
 
 def producers_for_workers(workers: int) -> int:
-    """Dedicated lanes for a server of `workers` processes: room for a full set of
-    replacements during a reload (HUP) or recycling overlap, plus two spare."""
-    return max(4, min(MAX_PRODUCERS, 2 * workers + 2))
+    """Dedicated lanes for a server of `workers` processes: one each plus one spare, so that a
+    replacement worker (max_requests recycling, a crash) finds a free lane while the old one's
+    lock is released. Few lanes make each one large: with the default 32 MiB and 2 workers,
+    lanes of 8 MiB, ~7,000 events of 1.1 KB per worker between two passes of the shipper.
+    During a reload (HUP) the new workers that find no free lane share the overflow lane until
+    the old ones have exited."""
+    return max(2, min(MAX_PRODUCERS, workers + 1))
 
 
 def geometry(options: MoesifOptions, producers: int) -> Geometry:
@@ -39,12 +59,33 @@ def geometry(options: MoesifOptions, producers: int) -> Geometry:
                              largest_record=2 * options.MAX_BODY_SIZE + RECORD_HEADROOM)
 
 
+def state_folder(ring_dir: str) -> str:
+    """This user's private state folder in `ring_dir` (RING_DIR)."""
+    return os.path.join(ring_dir, f"moesif_fast-{os.geteuid()}")
+
+
 def ring_path(options: MoesifOptions, settings_module: str, ring_geometry: Geometry) -> str:
     """A path unique to this user, settings module, collector and geometry."""
     identity = "\0".join([settings_module, options.base_uri, options.APPLICATION_ID or "",
                           repr(ring_geometry)])
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    return os.path.join(options.ring_dir, f"moesif_fast-{os.getuid()}-{digest}.ring")
+    return os.path.join(state_folder(options.ring_dir), f"{digest}.ring")
+
+
+def spool_folder(options: MoesifOptions, settings_module: str) -> str:
+    """The deployment's spool folder, in this user's state folder in SPOOL_DIR. Unlike the
+    ring's name it does not depend on the geometry: a server restarted with more workers
+    still delivers what the last one spooled."""
+    identity = "\0".join([settings_module, options.base_uri, options.APPLICATION_ID or ""])
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return os.path.join(state_folder(options.spool_dir), f"{digest}.spool")
+
+
+def open_ring(path: str, ring_geometry: Geometry) -> RingFile:
+    """The ring at `path`, created (with its private folder) if missing. Raises
+    `private.UnsafePathError` naming the path when the folder is not this user's alone."""
+    private.make_folder(os.path.dirname(path))
+    return RingFile.open(path, ring_geometry)
 
 
 def shipper_stats_path(path: str) -> str:

@@ -21,6 +21,7 @@ from django.core import checks
 
 DEFAULT_BASE_URI = "https://api.moesif.net"
 SHM_DIR = "/dev/shm"
+DISK_STATE_DIR = "/var/tmp"  # the spool's default home: on disk, kept across reboots
 
 # How EVENT_QUEUE_SIZE becomes bytes when RING_BYTES is not set: this many bytes per event held,
 # capped so that the default fits in Docker's default 64 MB /dev/shm next to other users.
@@ -71,6 +72,10 @@ class MoesifOptions:
     MAX_BODY_SIZE: int = 100_000
     # moesif_fast: seconds the shipper may take to deliver what is left at shutdown.
     SHUTDOWN_DEADLINE: float = 20.0
+    # moesif_fast: where the on-disk spool lives; default /var/tmp, else the temp dir.
+    SPOOL_DIR: str | None = None
+    # moesif_fast: most bytes the spool holds on disk (0: no spool, the ring alone).
+    SPOOL_BYTES: int = 1 << 30
 
     @property
     def base_uri(self) -> str:
@@ -82,6 +87,12 @@ class MoesifOptions:
         if self.RING_DIR:
             return self.RING_DIR
         return SHM_DIR if os.path.isdir(SHM_DIR) else tempfile.gettempdir()
+
+    @property
+    def spool_dir(self) -> str:
+        if self.SPOOL_DIR:
+            return self.SPOOL_DIR
+        return DISK_STATE_DIR if os.path.isdir(DISK_STATE_DIR) else tempfile.gettempdir()
 
     @property
     def ring_bytes(self) -> int:
@@ -102,7 +113,7 @@ _CALLBACKS = {"SKIP", "IDENTIFY_USER", "IDENTIFY_COMPANY", "GET_SESSION_TOKEN", 
 _MASK_LISTS = {"REQUEST_HEADER_MASKS", "RESPONSE_HEADER_MASKS", "REQUEST_BODY_MASKS",
                "RESPONSE_BODY_MASKS"}
 _STRINGS = {"APPLICATION_ID", "BASE_URI", "LOCAL_MOESIF_BASEURL", "API_VERSION",
-            "AUTHORIZATION_HEADER_NAME", "AUTHORIZATION_USER_ID_FIELD", "RING_DIR"}
+            "AUTHORIZATION_HEADER_NAME", "AUTHORIZATION_USER_ID_FIELD", "RING_DIR", "SPOOL_DIR"}
 
 
 def call_user_function(options: MoesifOptions, function: Callable[..., Any],
@@ -161,6 +172,8 @@ def _type_error(key: str, value: object) -> str | None:
         return f"must be True or False, not {value!r}."
     if key in _POSITIVE_INTS and (type(value) is not int or value <= 0):
         return f"must be a positive integer, not {value!r}."
+    if key == "SPOOL_BYTES" and (type(value) is not int or value < 0):
+        return f"must be a number of bytes (0: no spool), not {value!r}."
     if key == "SHUTDOWN_DEADLINE" and (
         isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
     ):

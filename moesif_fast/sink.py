@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import ringfile
+from . import private, ringfile
 from .policy import Policy
 from .ringbuffer import Producer, RingError, RingFile
 from .settings import MoesifOptions
@@ -110,7 +110,7 @@ class EventSink:
         geometry = ringfile.geometry(self._options, ringfile.FALLBACK_PRODUCERS)
         path = ringfile.ring_path(self._options, settings_module, geometry)
         self._fallback_settings = settings_module
-        return _producer_for(path, lambda: RingFile.open(path, geometry))
+        return _producer_for(path, lambda: ringfile.open_ring(path, geometry))
 
     def _ensure_shipper(self, ring: RingFile) -> None:
         """Fallback mode: start a shipper if the ring's reader heartbeat is stale."""
@@ -124,10 +124,14 @@ class EventSink:
                    "--settings", self._fallback_settings or "",
                    "--idle-exit", str(SHIPPER_IDLE_EXIT)]
         try:
-            with open(ringfile.shipper_log_path(ring.path), "ab") as log:  # not the app's pipes:
-                self._started_shipper = subprocess.Popen(  # a caller may be reading those
+            log = private.open_file(ringfile.shipper_log_path(ring.path),  # not the app's
+                                    os.O_WRONLY | os.O_APPEND, create=True)  # pipes: a caller
+            try:  # may be reading those
+                self._started_shipper = subprocess.Popen(
                     command, env=environment, stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+            finally:
+                os.close(log)
         except OSError as error:
             logger.error("moesif_fast: cannot start a shipper (%s): %s", error, command)
             return

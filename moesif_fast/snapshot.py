@@ -1,11 +1,13 @@
 """The config/rules snapshot: the shipper publishes it, workers read it without the network.
 
 The shipper writes `/v1/config` and `/v1/rules` (with their tags and fetch time) as one JSON
-file next to the ring, replaced atomically (write, then rename). A worker's `PolicySource`
-looks at the file's identity (inode, size, mtime) at most once per CHECK_INTERVAL and, only when
-it changed, parses it and compiles a `Policy` (precompiled regexes, dict lookups). Until a
-snapshot exists, or when it cannot be read, workers use `Policy.DEFAULT`: sample everything,
-block nothing (W1).
+file next to the ring, in the private state folder, replaced atomically (`private.replace_file`).
+A worker's `PolicySource` looks at the file's identity (inode, size, mtime) at most once per
+CHECK_INTERVAL and, only when it changed, parses it and compiles a `Policy` (precompiled
+regexes, dict lookups). Until a snapshot exists, workers use `Policy.DEFAULT`: sample
+everything, block nothing (W1). The file is untrusted input: one that is not a private regular
+file of this user, larger than MAX_SNAPSHOT_BYTES, not JSON or not of this shape is ignored
+with a warning, and workers use the defaults until a good one replaces it.
 """
 
 from __future__ import annotations
@@ -13,16 +15,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from . import private
 from .policy import Policy
 
 logger = logging.getLogger("moesif_fast")
 
 CHECK_INTERVAL = 1.0  # seconds between looks at the snapshot file from one worker
+MAX_SNAPSHOT_BYTES = 16 << 20  # a larger file is not a snapshot the shipper wrote
+
+
+class SnapshotError(Exception):
+    """The snapshot file exists but cannot be used; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -36,21 +43,26 @@ class Snapshot:
 
 def publish(path: str, snapshot: Snapshot) -> None:
     """Replace the snapshot at `path` atomically."""
-    descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(descriptor, "w") as file:
-        json.dump(snapshot.__dict__, file)
-    os.replace(temporary, path)
+    private.replace_file(path, json.dumps(snapshot.__dict__).encode())
 
 
 def read(path: str) -> Snapshot | None:
-    """The snapshot at `path`, or None if there is none or it is unreadable."""
+    """The snapshot at `path`, or None if there is none. Raises SnapshotError when the file
+    is there but unusable."""
     try:
-        with open(path) as file:
-            data = json.load(file)
-        return Snapshot(data.get("config"), data.get("rules"), data.get("config_etag"),
-                        data.get("rules_tag"), int(data.get("fetched_ns") or 0))
-    except (OSError, ValueError, TypeError, AttributeError):
+        data = json.loads(private.read_file(path, MAX_SNAPSHOT_BYTES))
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, not UTF-8
+        raise SnapshotError(f"{path}: {error}") from None
+    if type(data) is not dict:
+        raise SnapshotError(f"{path}: not a JSON object")
+    tags = data.get("config_etag"), data.get("rules_tag")
+    fetched_ns = data.get("fetched_ns", 0)
+    if not all(tag is None or type(tag) is str for tag in tags) or type(fetched_ns) is not int:
+        raise SnapshotError(f"{path}: tags that are not strings or a fetch time that is not "
+                            "an integer")
+    return Snapshot(data.get("config"), data.get("rules"), *tags, fetched_ns)
 
 
 class PolicySource:
@@ -71,14 +83,21 @@ class PolicySource:
 
     def _reload_if_changed(self) -> None:
         try:
-            status = os.stat(self.path)
+            status = os.lstat(self.path)
         except OSError:
             return  # no snapshot yet: keep what we have (the default at first)
         identity = (status.st_ino, status.st_size, status.st_mtime_ns)
         if identity == self._identity:
             return
         self._identity = identity
-        snapshot = read(self.path)
+        try:
+            snapshot = read(self.path)
+        except SnapshotError as error:
+            logger.warning("moesif_fast: ignoring the config snapshot (%s); sampling "
+                           "everything and blocking nothing until the shipper replaces it",
+                           error)
+            self.policy = Policy.DEFAULT
+            return
         if snapshot is None:
             return
         self.policy = Policy.compile(snapshot.config, snapshot.rules)

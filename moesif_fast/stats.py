@@ -1,26 +1,40 @@
 """`python -m moesif_fast stats`: what the ring and its shipper are doing, from any process.
 
 Reads the ring's counters (never writes, so it does not disturb the writers) and the shipper's
-published counters next to it, and prints them as text or JSON.
+published counters next to it, and prints them as text or JSON. It looks only in this user's
+private state folder (`ringfile.state_folder`); a file there that cannot be read (not a ring,
+not this user's, damaged) is reported as such and the others are still shown.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
+import sys
 import time
 from dataclasses import asdict
 from typing import Any
 
+from . import private
 from .ringbuffer import RingError, RingFile
-from .ringfile import policy_snapshot_path, shipper_stats_path
+from .ringfile import policy_snapshot_path, shipper_stats_path, state_folder
 from .shipper.priority import LOW_NICE
+from .snapshot import SnapshotError
 from .snapshot import read as read_snapshot
+
+MAX_COUNTERS_BYTES = 1 << 20  # the shipper's counters are a few hundred bytes
 
 
 def find_rings(directory: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(directory, f"moesif_fast-{os.getuid()}-*.ring")))
+    """The ring files in this user's state folder in `directory` (RING_DIR). Raises OSError
+    (`private.UnsafePathError`) when that folder is not this user's alone."""
+    folder = state_folder(directory)
+    try:
+        private.check_folder(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if name.endswith(".ring"))
 
 
 def collect(path: str) -> dict[str, Any]:
@@ -31,12 +45,16 @@ def collect(path: str) -> dict[str, Any]:
     finally:
         ring.close()
     try:
-        with open(shipper_stats_path(path)) as file:
-            shipper = json.load(file)
-    except (OSError, ValueError):
+        shipper = json.loads(private.read_file(shipper_stats_path(path), MAX_COUNTERS_BYTES))
+    except (OSError, ValueError, RecursionError):
+        shipper = None
+    if type(shipper) is not dict:
         shipper = None
     lanes = [dict(asdict(lane), records_in_use=lane.records_in_use) for lane in stats.lanes]
-    snapshot = read_snapshot(policy_snapshot_path(path))
+    try:
+        snapshot = read_snapshot(policy_snapshot_path(path))
+    except SnapshotError:
+        snapshot = None
     return {
         "ring": path,
         "capacity_bytes": stats.capacity,
@@ -77,7 +95,8 @@ def render(report: dict[str, Any]) -> str:
     if shipper:
         lines.append(
             f"  shipper     pid {shipper['pid']}: delivered {shipper['delivered']}, refused "
-            f"{shipper['refused']}, undecodable {shipper['undecodable']}, masked out "
+            f"{shipper['refused']}, undecodable {shipper['undecodable']}, poison "
+            f"{shipper.get('poison', 0)}, masked out "
             f"{shipper['masked_out']}, build errors {shipper['build_errors']}, in flight "
             f"{shipper['in_flight']} batches; last delivery "
             f"{_seconds(_age(shipper['last_delivery_ns']))} ago; counters "
@@ -108,22 +127,28 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main(paths: list[str], directory: str, as_json: bool) -> int:
-    paths = paths or find_rings(directory)
-    if not paths:
-        print(f"no moesif_fast ring in {directory} (is the server running? see --dir)")
+    """Print the report of each ring; 1 if there was none, or one could not be read."""
+    try:
+        paths = paths or find_rings(directory)
+    except OSError as error:
+        print(f"cannot look for rings: {error}", file=sys.stderr)
         return 1
-    reports = []
+    if not paths:
+        print(f"no moesif_fast ring in {state_folder(directory)} (is the server running? see "
+              "--dir)", file=sys.stderr)
+        return 1
+    reports, failed = [], False
     for path in paths:
         try:
             reports.append(collect(path))
         except (OSError, RingError) as error:
-            print(f"{path}: {error}")
-            return 1
+            print(f"{path}: not shown: {error}", file=sys.stderr)
+            failed = True
     if as_json:
         print(json.dumps(reports, indent=2))
     else:
         print("\n\n".join(render(report) for report in reports))
-    return 0
+    return 1 if failed or not reports else 0
 
 
 def _age(time_ns: int) -> float | None:

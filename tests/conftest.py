@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -108,7 +109,7 @@ def workspace(tmp_path: Path) -> Iterator[Path]:
     """A directory of this test's own for the ring, the collector database and the logs; every
     process that names it is killed when the test ends, passed or not."""
     directory = tmp_path / f"mf-{uuid.uuid4().hex[:12]}"
-    directory.mkdir()
+    directory.mkdir(mode=0o700)  # a ring may live only in a private folder
     yield directory
     kill_processes_of(directory)
 
@@ -286,13 +287,17 @@ def make_exchange(base_url: str, label: str, number: int) -> Exchange:
 
 class Load:
     """Client threads sending the routes in turn to `base_url`, until `limit` requests were
-    sent or `stop()` is called. Each thread has its own session and no retries, so a request
-    that fails is counted as not answered rather than silently sent twice."""
+    sent or `stop()` is called; as fast as they can, or paced at `rate` requests per second.
+    Each thread has its own session and no retries, so a request that fails is counted as not
+    answered rather than silently sent twice."""
 
-    def __init__(self, base_url: str, limit: int, *, threads: int = 8, label: str = "r") -> None:
+    def __init__(self, base_url: str, limit: int, *, threads: int = 8, label: str = "r",
+                 rate: float | None = None) -> None:
         self.base_url = base_url
         self.limit = limit
         self.label = label
+        self.interval = 1.0 / rate if rate else 0.0  # paced: request n is sent at n × interval
+        self._started_at = 0.0
         self.exchanges: list[Exchange] = []
         self._numbers = itertools.count()
         self._lock = threading.Lock()
@@ -302,6 +307,7 @@ class Load:
                          for _ in range(threads)]
 
     def start(self) -> Load:
+        self._started_at = time.monotonic()
         for thread in self._threads:
             thread.start()
         return self
@@ -337,6 +343,10 @@ class Load:
                 number = next(self._numbers)
             if number >= self.limit:
                 break
+            if self.interval:
+                delay = self._started_at + number * self.interval - time.monotonic()
+                if delay > 0 and self._stopping.wait(delay):
+                    break
             exchange = make_exchange(self.base_url, self.label, number)
             exchange.started = time.time()
             try:
@@ -408,3 +418,23 @@ def ring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Reader]:
     reader = Reader(ring_file)
     yield reader
     reader.close()
+
+
+# --- a file system that fills up ------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (root only)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small file system needs root")
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir(mode=0o700)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs",
+                              str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+    if os.path.ismount(mount_point):
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

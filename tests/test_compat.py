@@ -188,7 +188,7 @@ def make_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     def make(geometry: Geometry = DEFAULT_RING) -> Pipeline:
         directory = tmp_path / f"pipeline-{len(made)}"
-        directory.mkdir()
+        directory.mkdir(mode=0o700)
         made.append(Pipeline(directory, monkeypatch, geometry))
         return made[-1]
 

@@ -1,6 +1,6 @@
 """CapturedCall → Moesif event (`moesif_fast.event`): every rule of the reference's §1.4 and §2,
-the corrected weak points, the event's JSON text (JSON bodies copied as sent) and the batch; and
-the record decoding in front of it (`moesif_fast.record.decode`)."""
+the corrected weak points, the event's JSON text (JSON bodies copied as sent) and the batch. The
+record decoding in front of it (`moesif_fast.record.decode`) is tested in test_record.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import datetime
 import decimal
 import gzip
 import json
-import marshal
 import math
 import uuid
 from typing import Any
@@ -19,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moesif_fast.event import EventBuilder, EventDropped, json_safe, serialize_batch
-from moesif_fast.record import CALL_V2, CapturedCall, decode, encode_call, header_columns
+from moesif_fast.record import CapturedCall, header_columns
 from moesif_fast.settings import MoesifOptions
 
 T0_NS = 1_795_510_036_321_000_000  # 2026-11-24T08:47:16.321 UTC
@@ -1073,116 +1072,3 @@ def test_build_and_serialize_never_fail_and_give_the_wire_shape(
     assert sent["weight"] == call.weight
     assert isinstance(sent["transaction_id"], str)
     assert sent["transaction_id"]
-
-
-# --- record decoding -------------------------------------------------------------------------
-
-RECORD_FIELDS = (
-    "Incoming", T0_NS, T0_NS + 1_000_000, "POST", "http://h/p", (("HTTP_X_A",), ("a",)),
-    "10.0.0.1",
-    b'{"a": 1}', 201, (("Content-Type", "application/json"),), b"[]", TX, "u", 7, None,
-    {"m": [1]}, 1, None,
-)
-
-
-@pytest.mark.parametrize("body", [None, 1_234, b"", b"{}", bytes(range(256)) * 40])
-def test_a_record_decodes_to_its_call(body: bytes | int | None) -> None:
-    fields = RECORD_FIELDS[:7] + (body,) + RECORD_FIELDS[8:10] + (body,) + RECORD_FIELDS[11:]
-    assert decode(encode_call(fields)) == CapturedCall(*fields)
-
-
-def test_request_header_values_that_are_not_strings_are_flattened() -> None:
-    headers = header_columns((("HTTP_X_A", 5), ("HTTP_X_B", None), ("HTTP_X_C", [1, "x"]),
-                              ("HTTP_X_D", "d")))
-    call = decode(encode_call(RECORD_FIELDS[:5] + (headers,) + RECORD_FIELDS[6:]))
-    assert call.request_headers == (("HTTP_X_A", "HTTP_X_B", "HTTP_X_C", "HTTP_X_D"),
-                                    ("5", "", '[1, "x"]', "d"))
-
-
-def test_a_header_value_nested_too_deep_to_write_is_not_decoded() -> None:
-    deep: Any = []
-    for _ in range(1_500):  # deeper than JSON (or repr) can write, not than marshal can carry
-        deep = [deep]
-    headers = (("HTTP_X_A",), (deep,))
-    assert decode(encode_call(RECORD_FIELDS[:5] + (headers,) + RECORD_FIELDS[6:])) is None
-
-
-def _with(index: int, value: Any) -> bytes:
-    return encode_call(RECORD_FIELDS[:index] + (value,) + RECORD_FIELDS[index + 1:])
-
-
-WELL_FORMED = encode_call(RECORD_FIELDS)
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        pytest.param(b"", id="empty"),
-        pytest.param(b"X" + WELL_FORMED[1:], id="unknown-kind"),
-        pytest.param(b"C" + WELL_FORMED[1:], id="the-previous-call-kind"),
-        pytest.param(WELL_FORMED[:-3], id="truncated"),
-        pytest.param(CALL_V2 + b"\x00garbage", id="not-marshal"),
-        pytest.param(CALL_V2 + marshal.dumps(list(RECORD_FIELDS)), id="a-list"),
-        pytest.param(encode_call(RECORD_FIELDS[:-1]), id="too-few-fields"),
-        pytest.param(_with(0, b"Incoming"), id="direction-bytes"),
-        pytest.param(_with(1, True), id="time-bool"),
-        pytest.param(_with(2, 1.5), id="time-float"),
-        pytest.param(_with(4, None), id="uri-none"),
-        pytest.param(_with(5, [("HTTP_X_A",), ("a",)]), id="request-headers-list"),
-        pytest.param(_with(5, (("HTTP_X_A", "a"),)), id="request-headers-as-pairs"),
-        pytest.param(_with(5, (["HTTP_X_A"], ["a"])), id="request-header-columns-lists"),
-        pytest.param(_with(5, (("HTTP_X_A", "HTTP_X_B"), ("a",))),
-                     id="request-header-columns-of-two-lengths"),
-        pytest.param(_with(5, (("HTTP_X_A",), ("a",), ("b",))), id="request-header-three-columns"),
-        pytest.param(_with(5, ((5,), ("a",))), id="request-header-name-int"),
-        pytest.param(_with(6, 10), id="remote-addr-int"),
-        pytest.param(_with(7, 1.5), id="body-float"),
-        pytest.param(_with(7, "text"), id="body-str"),
-        pytest.param(_with(8, "200"), id="status-str"),
-        pytest.param(_with(8, False), id="status-bool"),
-        pytest.param(_with(9, (("Content-Type", 5),)), id="response-header-value-int"),
-        pytest.param(_with(9, ((None, "x"),)), id="response-header-name-none"),
-        pytest.param(_with(9, (("a",),)), id="response-header-one-item"),
-        pytest.param(_with(10, ["x"]), id="response-body-list"),
-        pytest.param(_with(11, 5), id="transaction-id-int"),
-        pytest.param(_with(16, "1"), id="weight-str"),
-        pytest.param(_with(17, b"rule"), id="blocked-by-bytes"),
-    ],
-)
-def test_a_malformed_record_is_not_decoded(payload: bytes) -> None:
-    assert decode(payload) is None
-
-
-MARSHAL_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
-    | st.binary(max_size=4),
-    lambda inner: st.lists(inner, max_size=3) | st.lists(inner, max_size=3).map(tuple)
-    | st.dictionaries(st.text(max_size=3), inner, max_size=2),
-    max_leaves=6,
-)
-
-
-@settings(max_examples=400, deadline=None)
-@given(changes=st.dictionaries(st.integers(min_value=0, max_value=len(RECORD_FIELDS) - 1),
-                               MARSHAL_VALUES, min_size=1, max_size=3))
-def test_a_record_with_any_fields_is_rejected_or_gives_an_event_of_the_wire_shape(
-    changes: dict[int, Any],
-) -> None:
-    fields = tuple(changes.get(index, value) for index, value in enumerate(RECORD_FIELDS))
-    call = decode(encode_call(fields))
-    if call is None:
-        return
-    builder = EventBuilder(MoesifOptions())
-    try:
-        event = strict_loads(serialize_batch([builder.encode(call)]))[0]
-    except EventDropped:
-        return
-    assert list(event) == EVENT_KEYS
-    for side in ("request", "response"):
-        assert isinstance(event[side]["time"], str)
-        headers = event[side]["headers"]
-        assert all(isinstance(value, str) for value in headers.values())
-    assert all(isinstance(event["request"][key], str) for key in ("uri", "verb"))
-    assert type(event["response"]["status"]) is int
-    assert type(event["weight"]) is int
-    assert isinstance(event["transaction_id"], str)

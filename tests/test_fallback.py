@@ -161,7 +161,7 @@ def test_sidecar_shipper_serves_hookless_workers_and_exits_when_idle(
              "--idle-exit", str(SIDECAR_IDLE_EXIT)],
             env=demo_environment(workspace, collector), stdout=log, stderr=log,
             stdin=subprocess.DEVNULL, text=True)
-    wait_until(lambda: list(workspace.glob("moesif_fast-*.ring"))
+    wait_until(lambda: list(workspace.glob("moesif_fast-*/*.ring"))
                and ring_report(workspace)["reader_pid"] == sidecar.pid, 30,
                "the sidecar to attach to the ring")
 

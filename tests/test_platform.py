@@ -111,7 +111,7 @@ def wait_for_published(ring_path: str, collector_url: str,
 
 
 def ring_of(directory: Path) -> str:
-    (ring_path,) = directory.glob("moesif_fast-*.ring")
+    (ring_path,) = directory.glob("moesif_fast-*/*.ring")
     return str(ring_path)
 
 

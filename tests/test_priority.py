@@ -201,7 +201,7 @@ def test_a_ring_past_half_full_is_caught_up_at_the_processs_priority_then_left_t
         assert shipper.catch_up.started == 1
         assert [record.getMessage() for record in caplog.records
                 if "priority" in record.getMessage()] == [
-            "moesif_fast shipper: the ring is over half full; catching up at the process's "
+            "moesif_fast shipper: the backlog is over half full; catching up at the process's "
             "CPU priority",
             "moesif_fast shipper: caught up; back below the workers' CPU priority"]
     finally:

@@ -62,7 +62,8 @@ def start_gunicorn(directory: str, collector_url: str, *, workers: int = 2,
                    if key not in ("DJANGO_SETTINGS_MODULE", "MOESIF_FAST_RING")}
     environment.update(
         MOESIF_DEMO_BASE_URI=collector_url, MOESIF_DEMO_APPLICATION_ID=application_id,
-        MOESIF_DEMO_OPTIONS=json.dumps({"RING_DIR": directory, **(options or {})}))
+        MOESIF_DEMO_OPTIONS=json.dumps({"RING_DIR": directory, "SPOOL_DIR": directory,
+                                        **(options or {})}))
     log_path = os.path.join(directory, "gunicorn.log")
     command = [sys.executable, "-m", "gunicorn", "-c", config or gunicorn_config(),
                "-w", str(workers), "-b", "127.0.0.1:0", "--no-control-socket",

@@ -14,6 +14,12 @@ is little-endian; every control word is an aligned u64, read and written only th
        40  u64 max_records (most unconsumed records per lane)
        48  u64 data_offset                  56  u64 file_size      64  u64 created_ns
       128  u64 reader_heartbeat_ns         136  u64 reader_pid    144  u64 committed_records
+      152  u64 decoding_lane               160  u64 decoding_position
+           (the record the reader's process is decoding and turning into an event now, stored
+           before and cleared after: lane + 1, 0 = none; see `Reader.mark`)
+      168  u64 poison_count (records a reader found marked as decoding when it started)
+      176  16 x (u64 lane + 1, u64 position): the latest poison records, entry
+           poison_count % 16 is the next; a reader skips the ones it finds, unread
     Lane control block i, 256 bytes at CONTROL_OFFSET + 256*i
         producer line:  +0 tail  +8 owner_pid  +16 appended  +24 dropped_full
                         +32 dropped_oversize  +40 dropped_busy
@@ -33,6 +39,11 @@ kernel releases it when the process dies, whatever the signal), `overflow` (held
 into the overflow lane), `reader` (held by the one reader), and `sync-NNN` (locked-publish mode
 only, below).
 
+Trust: the ring lives in a folder of its user's alone (`moesif_fast.private`): creating or
+attaching refuses a folder that is not a real folder of the effective user with mode 0700, and
+a ring or lock file that is a link, not a regular file, not the user's or not 0600. Whoever can
+write the file can still damage it; the reader never trusts what it reads (above).
+
 Memory ordering: on x86-64 (TSO) the plain 8-byte stores and loads above are enough. Elsewhere
 the ring is created in locked-publish mode: the writer stores `tail` and the reader loads it
 while holding `sync-NNN`, so the kernel's lock hand-off orders payload writes before the reader's
@@ -45,9 +56,13 @@ import fcntl
 import mmap
 import os
 import platform
+import re
 import struct
+import tempfile
 import time
 from dataclasses import dataclass
+
+from .. import private
 
 MAGIC = b"MFRING\0\0"
 VERSION = 1
@@ -64,6 +79,7 @@ MIN_LANE_CAPACITY = 1 << 16
 MAX_LANES = 1024
 POSITION_LIMIT = 1 << 62  # a larger position is corrupt (2^62 bytes: centuries of traffic)
 WORD_MASK = (1 << 64) - 1
+LOCK_NAME = re.compile(r"lane-\d{3}|sync-\d{3}|overflow|reader")  # files in `<ring>.locks`
 
 _GLOBAL = struct.Struct("<8sIIII5Q")  # magic .. created_ns, at offset 0
 
@@ -71,6 +87,11 @@ _GLOBAL = struct.Struct("<8sIIII5Q")  # magic .. created_ns, at offset 0
 WORD_READER_HEARTBEAT = 128 // 8
 WORD_READER_PID = 136 // 8
 WORD_COMMITTED = 144 // 8
+WORD_DECODING_LANE = 152 // 8
+WORD_DECODING_POSITION = 160 // 8
+WORD_POISON_COUNT = 168 // 8
+WORD_POISON_TABLE = 176 // 8  # POISON_SLOTS entries of two words: lane + 1, position
+POISON_SLOTS = 16
 # u64 word offsets inside a lane control block
 TAIL, OWNER_PID, APPENDED, DROPPED_FULL, DROPPED_OVERSIZE, DROPPED_BUSY = range(6)
 HEAD, CONSUMED, CORRUPT_RESETS = 16, 17, 18
@@ -177,15 +198,17 @@ class RingFile:
     def create(cls, path: str, geometry: Geometry, *, locked_publish: bool | None = None
                ) -> RingFile:
         """Create a new ring file at `path` (mode 0600, memory allocated up front so a full
-        tmpfs fails here with ENOSPC rather than with SIGBUS later). Raises FileExistsError if
-        a file is already there."""
+        tmpfs fails here with ENOSPC rather than with SIGBUS later) in a private folder
+        (`private.UnsafePathError` otherwise). Raises FileExistsError if a file is already
+        there."""
         if struct.calcsize("P") != 8:
             raise RingError("the ring needs a 64-bit Python (8-byte stores must be atomic)")
         geometry.validate()
         if locked_publish is None:
             locked_publish = not ordered_stores()
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        folder, name = os.path.split(path)
+        private.check_folder(folder or ".")
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
         try:
             os.posix_fallocate(fd, 0, geometry.file_size)
             header = _GLOBAL.pack(MAGIC, VERSION, FLAG_LOCKED_PUBLISH if locked_publish else 0,
@@ -193,7 +216,7 @@ class RingFile:
                                   geometry.max_record, geometry.max_records,
                                   geometry.data_offset, geometry.file_size)
             os.pwrite(fd, header + struct.pack("<Q", time.time_ns()), 0)
-            os.makedirs(path + ".locks", mode=0o700, exist_ok=True)
+            private.make_folder(path + ".locks")
             os.link(tmp, path)  # fails if the path exists: no clobbering a live ring
         except BaseException:
             os.close(fd)
@@ -209,7 +232,8 @@ class RingFile:
     def attach(cls, path: str, expected: Geometry | None = None) -> RingFile:
         """Map the ring at `path`. Raises RingFormatError with the reason if it is not a ring
         of this format and version, is inconsistent, or differs from `expected`."""
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        private.check_folder(os.path.dirname(path) or ".")
+        fd = private.open_file(path, os.O_RDWR)
         try:
             header = os.pread(fd, _GLOBAL.size, 0)
             geometry, locked_publish = _parse_header(path, header, os.fstat(fd).st_size)
@@ -235,11 +259,19 @@ class RingFile:
         self._mmap.close()
 
     def unlink(self) -> None:
-        """Remove the ring file and its lock files (processes still attached keep working)."""
-        for name in os.listdir(self.locks_dir):
-            os.unlink(os.path.join(self.locks_dir, name))
+        """Remove the ring file and its lock files (processes still attached keep working).
+        Only names the ring creates are removed, inside the lock folder opened without
+        following a link."""
+        folder = os.open(self.locks_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC)
+        try:
+            for name in os.listdir(folder):
+                if LOCK_NAME.fullmatch(name):
+                    os.unlink(name, dir_fd=folder)
+        finally:
+            os.close(folder)
         os.rmdir(self.locks_dir)
-        os.unlink(self.path)
+        private.remove_file(self.path)
 
     # -- addressing ------------------------------------------------------------------------
 
@@ -254,7 +286,10 @@ class RingFile:
         return os.path.join(self.locks_dir, name)
 
     def open_lock(self, name: str) -> int:
-        return os.open(self.lock_path(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """Open (creating it if needed) the lock file `name`, in a lock folder checked to be
+        private each time: locks are opened rarely, and a link there would be followed."""
+        private.check_folder(self.locks_dir)
+        return private.open_file(self.lock_path(name), os.O_RDWR, create=True)
 
     @property
     def overflow_lane(self) -> int:

@@ -10,6 +10,15 @@ Every header is bounds-checked against the lane. On the first inconsistency (a t
 `[head, head + capacity]`, a bad kind or length, a record whose header does not carry its own
 position) the reader skips the lane to its current tail and counts a corrupt reset; it never
 raises on ring contents, never loops without progress and never reads outside the lane.
+
+Poison records: a record whose decoding crashed or hung the reader's process must not stop
+delivery for good. Before the process decodes and builds each record it names it in the ring's
+header (`mark`: lane and position, a few stores), and it clears the mark after the batch. A
+reader that starts and finds a mark (its predecessor died or was killed with it set) adds the
+record to the header's table of poison records; any record in that table is skipped when read
+(its space is released with its batch, and `Batch.skipped` names it for the caller to count).
+The table keeps the latest POISON_SLOTS, so that poison records that crash the shipper in turn
+before their batch is committed do not take turns either.
 """
 
 from __future__ import annotations
@@ -27,10 +36,15 @@ from .layout import (
     HEAD,
     KIND_PAD,
     KIND_RECORD,
+    POISON_SLOTS,
     POSITION_LIMIT,
     RECORD_HEADER,
     TAIL,
     WORD_COMMITTED,
+    WORD_DECODING_LANE,
+    WORD_DECODING_POSITION,
+    WORD_POISON_COUNT,
+    WORD_POISON_TABLE,
     WORD_READER_HEARTBEAT,
     WORD_READER_PID,
     RingBusyError,
@@ -47,12 +61,21 @@ class Batch:
     """Records read together, and the lane positions that committing them releases."""
 
     records: list[bytes] = field(default_factory=list)
+    lanes: list[int] = field(default_factory=list)  # the lane of each record
+    positions: list[int] = field(default_factory=list)  # the lane position of each record
+    skipped: list[tuple[int, int, int]] = field(default_factory=list)
+    """Poison records passed over, unread: (lane, position, payload bytes). Their space is
+    released with the batch."""
     nbytes: int = 0
     ends: dict[int, tuple[int, int]] = field(default_factory=dict)  # lane → (position, count)
     committed: bool = False
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def __bool__(self) -> bool:
+        """Whether the batch holds anything to dispatch and commit: records or skipped ones."""
+        return bool(self.records or self.skipped)
 
 
 class Reader:
@@ -79,12 +102,35 @@ class Reader:
         self._positions = [self._words[ring.control_word(lane, HEAD)] for lane in self._lanes]
         self._pending: deque[Batch] = deque()
         self._next_lane = 0
+        self._marked_lane = -1  # the lane `mark` last stored (-1: none stored)
+        self._skip = self._poison_positions()  # lane → positions of poison records to skip
         self._words[WORD_READER_PID] = os.getpid()
         self.heartbeat()
 
     def heartbeat(self) -> None:
-        """Tell other processes the reader is alive (stats show its age)."""
+        """Tell other processes the reader is alive (stats show its age; a supervisor kills
+        a shipper whose reader stopped heartbeating)."""
         self._words[WORD_READER_HEARTBEAT] = time.time_ns()
+
+    def mark(self, lane: int, position: int) -> None:
+        """Name the record about to be decoded (from `Batch.lanes` and `Batch.positions`) in
+        the ring's header, and heartbeat: if the process dies or is killed before the next
+        `mark` or `clear_mark`, the next reader skips that record. The words are stored so
+        that a process killed between two stores leaves either no mark or a whole one."""
+        words = self._words
+        if lane != self._marked_lane:
+            words[WORD_DECODING_LANE] = 0
+            words[WORD_DECODING_POSITION] = position
+            words[WORD_DECODING_LANE] = lane + 1
+            self._marked_lane = lane
+        else:
+            words[WORD_DECODING_POSITION] = position
+        words[WORD_READER_HEARTBEAT] = time.time_ns()
+
+    def clear_mark(self) -> None:
+        """No record is being decoded any more."""
+        self._words[WORD_DECODING_LANE] = 0
+        self._marked_lane = -1
 
     def pending(self) -> bool:
         """True when some lane holds records this reader has not read yet."""
@@ -105,23 +151,23 @@ class Reader:
         """Up to `max_records` records and about `max_bytes` payload bytes (at least one record
         when any is ready, even a larger one), appended to `into` (the newest uncommitted
         batch of this reader, or an empty one) or to a new batch. A new batch is empty when
-        nothing is ready."""
-        self.heartbeat()
-        if into is not None and into.records and not (self._pending
-                                                      and self._pending[-1] is into):
+        nothing is ready. (Reading is no heartbeat: the caller heartbeats where its own
+        progress shows.)"""
+        if into is not None and into and not (self._pending and self._pending[-1] is into):
             raise ValueError("only the newest uncommitted batch can be extended: extending "
                              "an older one would release a newer batch's records with it")
         batch = into if into is not None else Batch()
         limit_records = len(batch.records) + max_records
         limit_bytes = batch.nbytes + max_bytes
-        was_empty = not batch.records
+        was_empty = not batch
         ready = [lane for lane in self._rotation() if self._readable(lane)]
         while ready and len(batch.records) < limit_records and batch.nbytes < limit_bytes:
             share_records = max(1, (limit_records - len(batch.records)) // len(ready))
             share_bytes = max(1, (limit_bytes - batch.nbytes) // len(ready))
-            ready = [lane for lane in ready if self._read_lane(lane, batch, share_records,
-                                                               share_bytes)]
-        if was_empty and batch.records:
+            ready = [lane for lane in ready if self._read_lane(
+                lane, batch, min(share_records, limit_records - len(batch.records)),
+                share_bytes)]  # (the last lanes of a round may have no share left)
+        if was_empty and batch:
             self._pending.append(batch)
         return batch
 
@@ -134,7 +180,7 @@ class Reader:
                 control = self.ring.control_word(lane, 0)
                 self._store(lane, control + HEAD, position)
                 bump(self._words, control + CONSUMED, count)
-            bump(self._words, WORD_COMMITTED, len(done.records))
+            bump(self._words, WORD_COMMITTED, len(done.records) + len(done.skipped))
 
     def close(self) -> None:
         """Give up the reader role (records read but not committed will be read again)."""
@@ -171,7 +217,9 @@ class Reader:
             return self._reset_lane(lane, tail, batch)
         base = self.ring.lane_offset(lane)
         capacity, mask, view = self._capacity, self._mask, self._bytes
-        records, taken, nbytes = batch.records, 0, 0
+        records, lanes, positions = batch.records, batch.lanes, batch.positions
+        taken = nbytes = 0
+        skip = self._skip.get(lane)
         while position < tail and taken < max_records and nbytes < max_bytes:
             offset = position & mask
             room = capacity - offset
@@ -187,8 +235,16 @@ class Reader:
             if kind != KIND_RECORD or size > self._max_record or span > room \
                     or position + span > tail:
                 return self._reset_lane(lane, tail, batch)
+            if skip is not None and position in skip:  # a poison record: not read again
+                skip.discard(position)
+                batch.skipped.append((lane, position, size))
+                position += span
+                taken += 1
+                continue
             start = base + offset + 16
             records.append(view[start:start + size].tobytes())
+            lanes.append(lane)
+            positions.append(position)
             position += span
             taken += 1
             nbytes += size
@@ -198,6 +254,31 @@ class Reader:
             batch.ends[lane] = (position, count + taken)
             batch.nbytes += nbytes
         return position < tail
+
+    def _poison_positions(self) -> dict[int, set[int]]:
+        """Move a mark left by the previous reader's process (it died while decoding that
+        record) into the header's poison table, and return the table's records that are still
+        in their lanes, by lane."""
+        words = self._words
+        entries = {(words[WORD_POISON_TABLE + 2 * slot], words[WORD_POISON_TABLE + 2 * slot + 1])
+                   for slot in range(POISON_SLOTS)}
+        marked = (words[WORD_DECODING_LANE], words[WORD_DECODING_POSITION])
+        if marked[0]:
+            if marked not in entries:
+                entry = WORD_POISON_TABLE + 2 * (words[WORD_POISON_COUNT] % POISON_SLOTS)
+                words[entry] = 0  # a reader killed from here on leaves no half entry
+                words[entry + 1] = marked[1]
+                words[entry] = marked[0]
+                bump(words, WORD_POISON_COUNT)
+                entries.add(marked)
+            words[WORD_DECODING_LANE] = 0
+        skip: dict[int, set[int]] = {}
+        for lane_plus_one, position in entries:
+            lane = lane_plus_one - 1
+            if lane in self._lanes and self._positions[lane] <= position < POSITION_LIMIT \
+                    and not position & 15:  # not yet released (nor damaged)
+                skip.setdefault(lane, set()).add(position)
+        return skip
 
     def _reset_lane(self, lane: int, tail: int, batch: Batch) -> bool:
         """Skip everything in a lane whose contents are inconsistent, and count it. Records

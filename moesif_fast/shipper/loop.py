@@ -1,19 +1,23 @@
-"""The shipper's main loop: drain the ring in batches, turn records into requests, send, commit.
+"""The shipper's main loop: turn batches into requests, send, settle, publish counters.
 
-One batch of the ring becomes one `POST /v1/events/batch` for its API calls, plus one
-`POST /v1/{users,companies,subscriptions}/batch` per kind of profile update it holds. A batch
-is sent as soon as it holds BATCH_SIZE records or MAX_BATCH_BYTES, and a partial batch after
-LINGER seconds. Up to IN_FLIGHT batches are sent at once by daemon sender threads (the transport
-retries each request until delivered, refused for good, or told to stop), so a slow collector
-does not stall the drain. A batch is committed to the ring (its space released) only when every
-request made from it was answered 2xx or refused for good; anything not delivered when the
-shipper stops stays in the ring for the next shipper (at-least-once). Delivered batches' config
-and rules tags go to the PolicyRefresher, which re-fetches them when they change.
+Batches come from the ring stage (`intake.py`: a thread at the process's priority that reads
+the ring, hands batches over while the loop keeps up, and moves the rest to the on-disk spool)
+and, when it has none, from the spool (older records first). One batch becomes one
+`POST /v1/events/batch` for its API calls, plus one `POST /v1/{users,companies,subscriptions}/
+batch` per kind of profile update it holds. Up to IN_FLIGHT batches are sent at once by sender
+threads (the transport retries each request until delivered, refused for good, or cancelled),
+so a slow collector does not stall the loop. A batch is committed (its ring or spool space
+released) only when every request made from it was answered 2xx or refused for good; anything
+not delivered when the shipper stops stays in the spool or the ring for the next shipper
+(at-least-once). Delivered batches' config and rules tags go to the PolicyRefresher, which
+re-fetches them when they change.
 
-The loop and the senders run below the workers' CPU priority while the ring stays under half
-full, and at the process's own priority while the shipper catches up (`priority.py`).
+The loop and the senders run below the workers' CPU priority while the backlog (the ring's
+fullest lane, or the spool against SPOOL_BYTES) stays under half full, and at the process's
+own priority while the shipper catches up (`priority.py`).
 
-Counters are published every second in `<ring>.shipper.json` for `python -m moesif_fast stats`.
+Counters are published every second in `<ring>.shipper.json` for `python -m moesif_fast stats`;
+drops and delivery failures are also logged, at most once a minute per reason.
 """
 
 from __future__ import annotations
@@ -24,15 +28,21 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import asdict, dataclass
+from itertools import repeat
+from typing import Any
 
+from .. import private
 from ..entities import entity_requests
 from ..event import EventBuilder, EventDropped, serialize_batch
 from ..record import EntityUpdate, decode
-from ..ringbuffer import Batch, Reader, RingFile
+from ..ringbuffer import Reader, RingFile
 from ..ringfile import policy_snapshot_path, shipper_stats_path
 from ..settings import MoesifOptions
+from ..spool import Spool, SpoolBatch
+from .drops import DropReport
+from .intake import LINGER, MAX_BATCH_BYTES, Handoff, RingIntake
 from .priority import CatchUp, drive, lower_this_thread
 from .refresh import PolicyRefresher
 from .transport import CollectorTransport, Outcome
@@ -40,12 +50,11 @@ from .transport import CollectorTransport, Outcome
 logger = logging.getLogger("moesif_fast.shipper")
 
 EVENTS_PATH = "/v1/events/batch"
-MAX_BATCH_BYTES = 8 << 20  # record bytes per batch; Moesif accepts up to 50 MB per request
-LINGER = 0.25  # seconds a partial batch waits for more events
 IN_FLIGHT = 4  # batches being sent at once
-IDLE_POLL = 0.05  # seconds between polls of an empty ring
+IDLE_POLL = 0.05  # seconds between polls when there is nothing to send
 STATS_INTERVAL = 1.0
-UNREADABLE_LOG_INTERVAL = 60.0  # seconds between two warnings about unreadable records
+UNREADABLE_LOG_INTERVAL = 60.0  # seconds between two warnings of one kind (unreadable records,
+# counters that cannot be published)
 
 
 @dataclass
@@ -58,6 +67,7 @@ class ShipperCounters:
     updates_delivered: int = 0  # user/company/subscription updates acknowledged
     updates_refused: int = 0
     undecodable: int = 0  # ring records that were not a valid record
+    poison: int = 0  # records skipped unread: a previous shipper died decoding or building them
     masked_out: int = 0  # events dropped because MASK_EVENT_MODEL failed
     build_errors: int = 0  # events that could not be built
     batches: int = 0  # batches acknowledged
@@ -66,63 +76,79 @@ class ShipperCounters:
     catch_ups: int = 0  # catch-ups begun (the ring passed half full)
     last_delivery_ns: int = 0
     last_error: str | None = None
+    spool: dict[str, Any] | None = None  # the spool's counters (`Spool.stats()`), if any
+
+
+Work = Handoff | SpoolBatch
+"""A batch the loop sends: one handed over by the ring stage, or one read from the spool."""
 
 
 @dataclass(frozen=True, eq=False)
 class Request:
-    """One POST made from a ring batch."""
+    """One POST made from a batch."""
 
-    batch: Batch
+    work: Work
     path: str
     body: bytes
     count: int  # events or updates in the body
     compress: bool
+    cancel: threading.Event  # set: stop retrying (the deadline passed, or the batch was spooled)
 
 
 @dataclass
 class BatchProgress:
     waiting: int  # requests of the batch not answered yet
+    cancel: threading.Event
     keep: bool = False  # some request was stopped undelivered: do not commit the batch
 
 
 class Shipper:
-    """Drains one ring to one collector. `run()` returns when `should_finish()` turns true and
-    everything is delivered, or when the finish deadline passes."""
+    """Drains one ring (and its spool, if it has one) to one collector. `run()` returns when
+    `should_finish()` turns true and everything is delivered, or when the finish deadline
+    passes."""
 
-    def __init__(self, ring: RingFile, options: MoesifOptions,
-                 transport: CollectorTransport) -> None:
+    def __init__(self, ring: RingFile, options: MoesifOptions, transport: CollectorTransport,
+                 spool: Spool | None = None) -> None:
         self.ring = ring
         self.reader = Reader(ring)
+        self.spool = spool
         self.options = options
         self.transport = transport
         self.builder = EventBuilder(options)
         self.counters = ShipperCounters(pid=os.getpid(), started_ns=time.time_ns())
-        self.stop_sending = threading.Event()  # interrupts retries once the deadline passed
         self.refresher = PolicyRefresher(transport, policy_snapshot_path(ring.path))
+        self.intake = RingIntake(self.reader, spool, options.BATCH_SIZE)
         self.catch_up = CatchUp()
+        self.drops = DropReport.for_shipper(ring, spool, self.counters, transport)
         self._finishing = False
         self._normal_priority = False  # while catching up or finishing
         # Requests for the senders at low priority and at the process's; None stops a sender.
         self._low_jobs: queue.Queue[Request | None] = queue.Queue()
         self._normal_jobs: queue.Queue[Request | None] = queue.Queue()
         self._done: queue.Queue[tuple[Request, Outcome]] = queue.Queue()
-        self._unsettled: dict[Batch, BatchProgress] = {}  # batches with requests in flight
+        self._unsettled: dict[Work, BatchProgress] = {}  # batches with requests in flight
         self._in_flight = 0
         self._next_stats = 0.0
         self._next_unreadable_log = 0.0
+        self._next_stats_error_log = 0.0
+        self._failures_seen = 0  # the transport's failed attempts when last_error was set
 
     def run(self, should_finish: Callable[[], bool], finish_deadline: float) -> bool:
         """Ship until `should_finish()` is true, then deliver what is left (including what
         live producers still append) within `finish_deadline` seconds. True if everything
-        read was delivered. The sender threads live as long as this call."""
-        for number in range(IN_FLIGHT):
-            for jobs, priority in ((self._low_jobs, "low"), (self._normal_jobs, "normal")):
-                threading.Thread(target=self._send_forever, args=(jobs, priority == "low"),
-                                 name=f"moesif-sender-{priority}-{number}", daemon=True).start()
+        read was delivered. The ring stage and the sender threads live as long as this call."""
+        senders = [threading.Thread(target=self._send_forever, args=(jobs, priority == "low"),
+                                    name=f"moesif-sender-{priority}-{number}", daemon=True)
+                   for number in range(IN_FLIGHT)
+                   for jobs, priority in ((self._low_jobs, "low"), (self._normal_jobs, "normal"))]
+        for sender in senders:
+            sender.start()
+        self.intake.start()
         try:
             return drive(self._passes(should_finish, finish_deadline),
                          self._wants_normal_priority)
         finally:
+            self.intake.stop()
             for jobs in (self._low_jobs, self._normal_jobs):
                 _move_all(jobs, queue.Queue())  # not sent: still in the ring, not committed
                 for _ in range(IN_FLIGHT):
@@ -132,52 +158,53 @@ class Shipper:
                 ) -> Generator[None, None, bool]:
         """The loop of `run`, yielding after each pass (so that `drive` can move it to a
         thread of another priority)."""
-        open_batch: Batch | None = None
-        opened_at = 0.0
         finish_by: float | None = None
         while True:
             yield
+            self.reader.heartbeat()  # this loop's: a supervisor kills a shipper stuck here
             self._collect_results(wait=0.0)
             now = time.monotonic()
             if finish_by is None and should_finish():
                 finish_by = now + finish_deadline
-                self._finishing = True
+                self._finishing = self.intake.finishing = True
                 logger.info("moesif_fast shipper: finishing; delivering what is left within "
                             "%.0f s", finish_deadline)
             if finish_by is not None and now >= finish_by:
                 return self._give_up()
             if self._in_flight < IN_FLIGHT:
-                size = self.options.BATCH_SIZE
-                held, held_bytes = (len(open_batch), open_batch.nbytes) if open_batch else (0, 0)
-                batch = self.reader.read(size - held, MAX_BATCH_BYTES - held_bytes,
-                                         into=open_batch)
-                if batch.records:
-                    open_batch, opened_at = batch, opened_at or now
-                    if (len(batch) >= size or batch.nbytes >= MAX_BATCH_BYTES
-                            or now - opened_at >= LINGER or finish_by is not None):
-                        self._dispatch(batch)
-                        open_batch, opened_at = None, 0.0
-                        continue
-            else:
-                self.reader.heartbeat()
-            if finish_by is not None and open_batch is None and self._in_flight == 0 \
-                    and not self.reader.pending() and not self.ring.owned_lanes():
+                work = self._next_work()
+                if work is not None:
+                    self._dispatch(work)
+                    continue
+            if finish_by is not None and self._in_flight == 0 and self.intake.idle() \
+                    and not (self.spool and self.spool.unread()) \
+                    and not self.ring.owned_lanes():
                 self.refresher.stop()
                 self._publish_stats(force=True)
                 return True
             self._publish_stats()
-            self._collect_results(wait=LINGER / 5 if open_batch or self._in_flight
-                                  else IDLE_POLL)
+            self._collect_results(wait=LINGER / 5 if self._in_flight else IDLE_POLL)
+
+    def _next_work(self) -> Work | None:
+        """The next batch to send: from the ring stage, else from the spool."""
+        while (handoff := self.intake.next_batch()) is not None:
+            if not handoff.spooled:  # a spooled one is read back from the spool instead
+                return handoff
+        if self.spool is not None and self.spool.unread():
+            batch = self.spool.read(self.options.BATCH_SIZE, MAX_BATCH_BYTES)
+            if batch.records:
+                return batch
+        return None
 
     def _wants_normal_priority(self) -> bool:
         """Whether the next pass and new batches go to the process's priority: while catching
         up (see `priority.py`) or finishing. Moving there also moves the batches waiting for a
         sender."""
         was_catching_up, was_normal = self.catch_up.active, self._normal_priority
-        catching_up = self.catch_up.update(self.reader.fill())
+        catching_up = self.catch_up.update(self._backlog())
         if catching_up and not was_catching_up:
-            logger.info("moesif_fast shipper: the ring is over half full; catching up at the "
-                        "process's CPU priority")
+            logger.info("moesif_fast shipper: the backlog is over half full; catching up at "
+                        "the process's CPU priority")
         elif was_catching_up and not catching_up:
             logger.info("moesif_fast shipper: caught up; back below the workers' CPU priority")
         self._normal_priority = catching_up or self._finishing
@@ -185,11 +212,51 @@ class Shipper:
             _move_all(self._low_jobs, self._normal_jobs)
         return self._normal_priority
 
+    def _backlog(self) -> float:
+        """How full the fuller of the ring (its fullest lane) and the spool is, 0.0 to 1.0."""
+        fill = self.reader.fill()
+        if self.spool is not None:
+            fill = max(fill, self.spool.stats().bytes / max(1, self.options.SPOOL_BYTES))
+        return fill
+
     # -- batches ---------------------------------------------------------------------------
 
-    def _dispatch(self, batch: Batch) -> None:
-        events, updates = [], []
-        for payload in batch.records:
+    def _dispatch(self, work: Work) -> None:
+        if isinstance(work, Handoff):
+            batch = work.batch
+            for lane, position, size in batch.skipped:
+                self._count_poison(lane, position, size)
+            events, updates = self._decode(batch.records, zip(batch.lanes, batch.positions,
+                                                              strict=True))
+            cancel = work.cancel
+        else:
+            events, updates = self._decode(work.records, None)
+            cancel = threading.Event()
+        requests = [Request(work, EVENTS_PATH, serialize_batch(events), len(events), True,
+                            cancel)] if events else []
+        requests += [Request(work, path, body, count, False, cancel)
+                     for path, body, count in entity_requests(updates)]
+        if not requests:
+            self._commit(work)
+            return
+        self._in_flight += 1
+        self._unsettled[work] = BatchProgress(len(requests), cancel)
+        jobs = self._normal_jobs if self._normal_priority or self._finishing \
+            else self._low_jobs
+        for request in requests:
+            jobs.put(request)
+
+    def _decode(self, payloads: list[bytes], places: Iterable[tuple[int, int]] | None
+                ) -> tuple[list[bytes], list[EntityUpdate]]:
+        """Events (JSON text) and profile updates from records. With `places` (the ring lane
+        and position of each record), each record is named in the ring's header while it is
+        decoded and built, so that one that kills the process is skipped by the next one."""
+        events: list[bytes] = []
+        updates: list[EntityUpdate] = []
+        mark = self.reader.mark
+        for payload, place in zip(payloads, places or repeat(None), strict=False):
+            if place is not None:
+                mark(*place)  # a crash or hang from here to the next mark names the record
             record = decode(payload)
             if record is None:
                 self._count_unreadable()
@@ -204,19 +271,15 @@ class Shipper:
                     self.counters.build_errors += 1
                     logger.warning("moesif_fast shipper: could not build an event; it is "
                                    "dropped", exc_info=True)
-        requests = [Request(batch, EVENTS_PATH, serialize_batch(events), len(events), True)
-                    ] if events else []
-        requests += [Request(batch, path, body, count, False)
-                     for path, body, count in entity_requests(updates)]
-        if not requests:
-            self.reader.commit(batch)
-            return
-        self._in_flight += 1
-        self._unsettled[batch] = BatchProgress(len(requests))
-        jobs = self._normal_jobs if self._normal_priority or self._finishing \
-            else self._low_jobs
-        for request in requests:
-            jobs.put(request)
+        if places is not None:
+            self.reader.clear_mark()
+        return events, updates
+
+    def _commit(self, work: Work) -> None:
+        if isinstance(work, Handoff):
+            self.intake.settle(work)
+        else:
+            self.spool.commit(work)
 
     def _count_unreadable(self) -> None:
         """A ring record that is not a record of this version (one left by an older version
@@ -230,12 +293,30 @@ class Shipper:
                            "another version of moesif_fast, or damaged); it is dropped (%d so "
                            "far)", self.counters.undecodable)
 
+    def _count_poison(self, lane: int, position: int, size: int) -> None:
+        """A record a previous shipper died (or was killed, hung) decoding or building: it was
+        skipped unread, so that it cannot stop delivery again. Each is logged: there is at
+        most one per shipper that died."""
+        self.counters.poison += 1
+        logger.warning("moesif_fast shipper: skipped the ring record at lane %d, position %d "
+                       "(%d bytes): the previous shipper died or was killed while decoding it "
+                       "or building its event; it is dropped (%d skipped so far)", lane,
+                       position, size, self.counters.poison)
+
     def _send_forever(self, jobs: queue.Queue[Request | None], low_priority: bool) -> None:
+        """A sender thread: it cannot die with the shipper running (an unexpected error is
+        logged and the request is settled as not delivered, so it is sent again later)."""
         if low_priority:
             lower_this_thread()
         while (request := jobs.get()) is not None:
-            outcome = self.transport.post(request.path, request.body, compress=request.compress,
-                                          give_up_at=None, stop=self.stop_sending)
+            try:
+                outcome = self.transport.post(request.path, request.body,
+                                              compress=request.compress, give_up_at=None,
+                                              stop=request.cancel)
+            except Exception as error:
+                logger.exception("moesif_fast shipper: sending a batch failed unexpectedly")
+                outcome = Outcome(delivered=False, permanent=False, status=None,
+                                  error=f"unexpected error: {error!r}", attempts=0)
             self._done.put((request, outcome))
 
     def _collect_results(self, wait: float) -> None:
@@ -272,28 +353,34 @@ class Shipper:
             counters.last_error = outcome.error
             logger.error("moesif_fast shipper: the collector refused %d records for %s (%s); "
                          "they are dropped", request.count, request.path, outcome.error)
-        else:  # stopped before delivery: the batch stays in the ring for the next shipper
-            counters.last_error = outcome.error
-        progress = self._unsettled[request.batch]
+        else:  # cancelled before delivery: the batch stays in the ring or spool (or was
+            counters.last_error = outcome.error  # spooled) for a later sender or shipper
+        progress = self._unsettled[request.work]
         progress.waiting -= 1
         progress.keep = progress.keep or not (outcome.delivered or outcome.permanent)
         if progress.waiting == 0:
-            del self._unsettled[request.batch]
+            del self._unsettled[request.work]
             self._in_flight -= 1
             if not progress.keep:
-                self.reader.commit(request.batch)
+                self._commit(request.work)
 
     def _give_up(self) -> bool:
-        """Deadline passed: stop retrying; whatever is not committed (an open batch too)
-        stays in the ring for the next shipper."""
-        self.stop_sending.set()
+        """Deadline passed: stop retrying. What is not delivered goes to the spool (the ring is
+        left empty), or without one stays in the ring, for the next shipper."""
+        for progress in self._unsettled.values():
+            progress.cancel.set()
         self.refresher.stop()
         deadline = time.monotonic() + 2.0
         while self._in_flight and time.monotonic() < deadline:
             self._collect_results(wait=0.1)
-        left = self.ring.stats().records_in_use
-        logger.error("moesif_fast shipper: finish deadline passed; %d events stay in %s for "
-                     "the next shipper", left, self.ring.path)
+        self.intake.stop()  # the ring's reader is this thread's from here
+        self.intake.finishing = True
+        spooled = self.intake.evacuate()
+        in_ring = self.ring.stats().records_in_use
+        in_spool = self.spool.stats().records if self.spool is not None else 0
+        logger.error("moesif_fast shipper: finish deadline passed; %d events stay in the spool "
+                     "(%d moved there now) and %d in the ring %s, for the next shipper",
+                     in_spool, spooled, in_ring, self.ring.path)
         self._publish_stats(force=True)
         return False
 
@@ -308,11 +395,26 @@ class Shipper:
         self.counters.in_flight = self._in_flight
         self.counters.catching_up = self.catch_up.active
         self.counters.catch_ups = self.catch_up.started
-        path = shipper_stats_path(self.ring.path)
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w") as file:
-            json.dump(asdict(self.counters), file)
-        os.replace(temporary, path)
+        while not self.intake.skipped.empty():  # poison records in batches the stage spooled
+            self._count_poison(*self.intake.skipped.get())
+        if self.spool is not None:
+            spool = self.spool.stats()
+            self.counters.spool = dict(asdict(spool), oldest_age_s=(
+                (time.time_ns() - spool.oldest_ns) / 1e9 if spool.oldest_ns else None))
+        failure = self.transport.last_failure
+        if failure and self.transport.failed_attempts != self._failures_seen:
+            self._failures_seen = self.transport.failed_attempts
+            self.counters.last_error = failure
+        self.drops.report(failure)
+        try:
+            private.replace_file(shipper_stats_path(self.ring.path),
+                                 json.dumps(asdict(self.counters)).encode())
+        except OSError as error:  # e.g. a folder planted at the name: stats go unpublished
+            self.counters.last_error = f"cannot publish the counters: {error}"
+            if now >= self._next_stats_error_log:
+                self._next_stats_error_log = now + UNREADABLE_LOG_INTERVAL
+                logger.warning("moesif_fast shipper: cannot publish its counters for `stats` "
+                               "(%s); shipping goes on", error)
 
 
 def _move_all(source: queue.Queue[Request | None], target: queue.Queue[Request | None]) -> None:

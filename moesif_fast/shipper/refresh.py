@@ -4,7 +4,9 @@ A daemon thread of the shipper fetches both at start, again every REFRESH_INTERV
 config arrives even when nothing is delivered: W17), and as soon as a batch response carries an
 `X-Moesif-Config-ETag` or `X-Moesif-Rules-Tag` different from the published one. A failed fetch
 (401, 404, timeout...) keeps the last good copy of that part; with none, workers keep the
-defaults.
+defaults. A published snapshot that cannot be read is replaced by the next fetch. An unexpected
+error in a refresh is logged and the thread goes on: it never dies with the shipper still
+running.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import threading
 import time
 
-from ..snapshot import Snapshot, publish, read
+from ..snapshot import Snapshot, SnapshotError, publish, read
 from .transport import CollectorTransport
 
 logger = logging.getLogger("moesif_fast.shipper")
@@ -26,7 +28,7 @@ class PolicyRefresher:
     def __init__(self, transport: CollectorTransport, snapshot_path: str) -> None:
         self.transport = transport
         self.snapshot_path = snapshot_path
-        previous = read(snapshot_path)
+        previous = self._previous()
         self.config_etag = previous.config_etag if previous else None
         self.rules_tag = previous.rules_tag if previous else None
         self.fetched_ns = previous.fetched_ns if previous else 0
@@ -46,9 +48,22 @@ class PolicyRefresher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._refresh()
+            try:
+                self._refresh()
+            except Exception:
+                logger.exception("moesif_fast shipper: refreshing config and rules failed; "
+                                 "trying again in %.0f s", REFRESH_INTERVAL)
             self._wake.wait(REFRESH_INTERVAL)
             self._wake.clear()
+
+    def _previous(self) -> Snapshot | None:
+        """The published snapshot, or None when there is none or it cannot be read."""
+        try:
+            return read(self.snapshot_path)
+        except SnapshotError as error:
+            logger.warning("moesif_fast shipper: ignoring the published snapshot (%s); the "
+                           "next fetch replaces it", error)
+            return None
 
     def _refresh(self) -> None:
         """Fetch both; publish what arrived, keeping the last good copy of what did not (a
@@ -58,7 +73,7 @@ class PolicyRefresher:
                                                          give_up_at=give_up_at)
         rules_outcome, rules = self.transport.get_json("/v1/rules", stop=self._stop,
                                                        give_up_at=give_up_at)
-        previous = read(self.snapshot_path)
+        previous = self._previous()
         for name, outcome in (("config", config_outcome), ("rules", rules_outcome)):
             if not outcome.delivered:
                 logger.warning("moesif_fast shipper: could not fetch %s (%s); keeping the %s",

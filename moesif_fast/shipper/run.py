@@ -20,9 +20,10 @@ import signal
 import time
 from types import FrameType
 
-from .. import __version__, ringfile
+from .. import __version__, private, ringfile
 from ..ringbuffer import RingBusyError, RingFile
 from ..settings import MoesifOptions, configured
+from ..spool import Spool, SpoolBusyError
 from .loop import Shipper
 from .parent import ParentWatch
 from .transport import CollectorTransport
@@ -62,7 +63,7 @@ def run_shipper(ring_path: str | None, settings_module: str | None, parent_pid: 
     if ring_path is None:
         module = os.environ["DJANGO_SETTINGS_MODULE"]
         geometry = ringfile.geometry(options, ringfile.FALLBACK_PRODUCERS)
-        ring = RingFile.open(ringfile.ring_path(options, module, geometry), geometry)
+        ring = ringfile.open_ring(ringfile.ring_path(options, module, geometry), geometry)
     else:
         ring = RingFile.attach(ring_path)
     transport = CollectorTransport(options.base_uri, options.APPLICATION_ID or "",
@@ -70,30 +71,59 @@ def run_shipper(ring_path: str | None, settings_module: str | None, parent_pid: 
     finish = FinishConditions(ring, ParentWatch(parent_pid), idle_exit)
     signal.signal(signal.SIGTERM, finish.request)
     signal.signal(signal.SIGINT, finish.request)
-    shipper = _become_reader(ring, options, transport, standby=parent_pid is not None,
-                             finish=finish)
+    spool_folder = ringfile.spool_folder(options, os.environ["DJANGO_SETTINGS_MODULE"])
+    shipper = _become_reader(ring, options, transport, spool_folder,
+                             standby=parent_pid is not None, finish=finish)
     if shipper is None:
         return EXIT_OK
-    logger.info("moesif_fast shipper %d: draining %s to %s", os.getpid(), ring.path,
-                options.base_uri)
-    delivered_all = shipper.run(finish, options.SHUTDOWN_DEADLINE)
-    transport.close()
+    logger.info("moesif_fast shipper %d: draining %s to %s, spooling to %s", os.getpid(),
+                ring.path, options.base_uri, spool_folder if shipper.spool else "nothing")
+    try:
+        delivered_all = shipper.run(finish, options.SHUTDOWN_DEADLINE)
+    finally:
+        if shipper.spool is not None:
+            shipper.spool.close()
+        transport.close()
     return EXIT_OK if delivered_all else EXIT_UNDELIVERED
 
 
 def _become_reader(ring: RingFile, options: MoesifOptions, transport: CollectorTransport,
-                   standby: bool, finish: FinishConditions) -> Shipper | None:
+                   spool_folder: str, standby: bool, finish: FinishConditions
+                   ) -> Shipper | None:
     """The ring's shipper, or None if another process drains it. A shipper serving a gunicorn
     arbiter waits as a standby while another one holds the ring (a USR2 upgrade runs two
     arbiters for a while) and takes over when it exits; others leave at once."""
     while True:
+        spool = None
         try:
-            return Shipper(ring, options, transport)
-        except RingBusyError as busy:
+            spool = _open_spool(options, spool_folder)
+            return Shipper(ring, options, transport, spool)
+        except (RingBusyError, SpoolBusyError) as busy:
+            if spool is not None:
+                spool.close()
             if not standby or finish():
                 logger.info("moesif_fast shipper: %s; exiting", busy)
                 return None
         time.sleep(STANDBY_POLL)
+
+
+def _open_spool(options: MoesifOptions, folder: str) -> Spool | None:
+    """The deployment's spool, or None: SPOOL_BYTES is 0, or the folder cannot be used (the
+    ring alone then holds what the collector cannot take yet; logged). SpoolBusyError when
+    another shipper has it."""
+    if not options.SPOOL_BYTES:
+        return None
+    try:
+        private.make_folder(os.path.dirname(folder))
+        return Spool(folder, max_bytes=options.SPOOL_BYTES,
+                     max_records=options.EVENT_QUEUE_SIZE)
+    except SpoolBusyError:
+        raise
+    except OSError as error:
+        logger.error("moesif_fast shipper: running without a spool: cannot use %s (%s); "
+                     "while the collector cannot take events, the ring alone holds them",
+                     folder, error)
+        return None
 
 
 class FinishConditions:

@@ -41,6 +41,8 @@ Retry policy of `post` and `get_json`:
   `give_up_at` is not begun, and each attempt's connect and read timeouts are cut to the time left.
 - Failures never raise: the caller gets an `Outcome`. Permanent refusals and give-ups are logged
   at WARNING on the "moesif_fast.shipper" logger, failed attempts that are retried at DEBUG.
+  Every failed attempt is also counted in `failed_attempts`, with the latest in `last_failure`,
+  so that the shipper can report an outage while requests are still being retried.
 """
 
 from __future__ import annotations
@@ -148,6 +150,9 @@ class CollectorTransport:
             "User-Agent": user_agent,
             "Accept-Encoding": make_headers(accept_encoding=True)["accept-encoding"],
         }
+        self.failed_attempts = 0  # attempts that failed, retried or not (for the shipper's log)
+        self.last_failure: str | None = None  # the latest: "POST /v1/events/batch: HTTP 503"
+        self._failures_lock = threading.Lock()
         self._pool_manager: PoolManager | None = None
         self._unusable_proxy: str | None = None  # why the environment's proxy cannot be used
         try:
@@ -227,6 +232,9 @@ class CollectorTransport:
                 return _delivered(response, attempts), response
             else:
                 last_failure = _http_failure(response)
+            with self._failures_lock:
+                self.failed_attempts += 1
+                self.last_failure = f"{method} {path}: {last_failure.error}"
             if not last_failure.retryable:
                 logger.warning(
                     "Moesif collector: %s %s refused for good: %s", method, url, last_failure.error

@@ -1,0 +1,220 @@
+"""The shipper's ring stage: read the ring, hand batches to the loop, spool what it cannot take.
+
+One thread at the process's own CPU priority (so that a busy host cannot starve it) owns the
+ring's `Reader`; nothing else reads or commits the ring while it runs. Every POLL it:
+
+- applies the commits the loop asked for (`settle`), so that the Reader has one user;
+- reads what the workers appended into an open batch of at most BATCH_SIZE records and
+  MAX_BATCH_BYTES, closed when full, LINGER after it opened, or at once while finishing;
+- hands a closed batch to the loop, in memory, while the loop keeps up: fewer than HANDOFF_LIMIT
+  batches handed over and not settled, and nothing waiting in the spool. Otherwise it appends
+  the batch's raw records to the spool (no decoding: a few µs per record) and commits the batch
+  in the ring at once;
+- when the fullest lane passes TAKEOVER_FILL while batches handed over are still unsettled (the
+  collector is down, slow or refusing, or the loop is short of CPU), writes those batches to
+  the spool too, commits them, and sets their `cancel` event so that their senders stop
+  retrying. A batch delivered in the moment between is delivered twice; its events share
+  their transaction ids;
+- syncs the spool at most every SYNC_INTERVAL.
+
+The loop decodes, builds and sends batches from `next_batch()` and, when there is none, from
+the spool (older records first). Without a spool (SPOOL_BYTES 0, or a folder that cannot be
+used) every batch goes to the loop: the ring alone absorbs pressure, as it did before there was
+a spool. `evacuate()` (at the finish deadline, after `stop()`) writes every record that is not
+delivered to the spool, so that the ring is left empty and the next shipper delivers them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..ringbuffer import Batch, Reader
+from ..spool import Spool
+
+logger = logging.getLogger("moesif_fast.shipper")
+
+POLL = 0.02  # seconds between two passes of the ring stage
+LINGER = 0.25  # seconds a partial batch waits for more records
+MAX_BATCH_BYTES = 8 << 20  # record bytes per batch; Moesif accepts up to 50 MB per request
+HANDOFF_LIMIT = 8  # batches handed to the loop and not settled, beyond which batches are spooled
+TAKEOVER_FILL = 0.25  # fill of the fullest lane at which unsettled batches are spooled
+SYNC_INTERVAL = 1.0  # seconds between two syncs of the spool
+WRITE_RETRY = 10.0  # seconds without spooling after the spool could not write (disk full...)
+ERROR_LOG_INTERVAL = 60.0
+
+
+@dataclass(eq=False)
+class Handoff:
+    """A ring batch handed to the loop, and the event that tells its senders to stop."""
+
+    batch: Batch
+    cancel: threading.Event = field(default_factory=threading.Event)
+    spooled: bool = False  # written to the spool and committed by the ring stage
+
+
+class RingIntake:
+    """The ring stage (see the module docstring). `start()` its thread; the loop calls
+    `next_batch`, `settle` and `finish`; `stop()` then `evacuate()` at the deadline."""
+
+    def __init__(self, reader: Reader, spool: Spool | None, batch_size: int) -> None:
+        self.reader = reader
+        self.spool = spool
+        self.batch_size = batch_size
+        self.finishing = False  # close batches at once (set by the loop when it finishes)
+        self.errors = 0  # unexpected errors of the thread, logged
+        self._handed: queue.SimpleQueue[Handoff] = queue.SimpleQueue()  # to the loop
+        self._commits: queue.SimpleQueue[Handoff] = queue.SimpleQueue()  # from the loop
+        self._unsettled: dict[Batch, Handoff] = {}  # handed over, not settled (this thread's)
+        self.skipped: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
+        """Poison records passed over in batches spooled here, for the loop to count."""
+        self._open: Batch | None = None
+        self._opened_at = 0.0
+        self._next_sync = 0.0
+        self._spool_again_at = 0.0  # after a failed write: the ring alone until then
+        self._next_error_log = 0.0
+        self._stop = threading.Event()
+        self._passing = threading.Lock()  # held during a pass: `idle` sees whole passes
+        self._thread = threading.Thread(target=self._run, name="moesif-ring-intake",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the thread after its current pass and apply the commits asked for since; the
+        Reader is the caller's from then on."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._apply_commits()
+
+    # -- the loop's side -------------------------------------------------------------------
+
+    def next_batch(self) -> Handoff | None:
+        try:
+            return self._handed.get_nowait()
+        except queue.Empty:
+            return None
+
+    def settle(self, handoff: Handoff) -> None:
+        """The loop is done with `handoff` (delivered, or refused for good): commit it."""
+        self._commits.put(handoff)
+
+    def idle(self) -> bool:
+        """Nothing read and not yet handed over or spooled, nothing waiting for the loop, and
+        nothing left unread in the ring."""
+        with self._passing:
+            return self._open is None and self._handed.empty() and not self.reader.pending()
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL):
+            try:
+                self.run_pass()
+            except Exception:  # never die silently with the shipper still running
+                self.errors += 1
+                now = time.monotonic()
+                if now >= self._next_error_log:
+                    self._next_error_log = now + ERROR_LOG_INTERVAL
+                    logger.exception("moesif_fast shipper: the ring stage failed (%d so far); "
+                                     "it goes on", self.errors)
+
+    def run_pass(self) -> None:
+        with self._passing:
+            self._run_pass()
+
+    def _run_pass(self) -> None:
+        self._apply_commits()
+        self._read()
+        if self._spooling() and self._unsettled and self.reader.fill() >= TAKEOVER_FILL:
+            self._take_over()
+        now = time.monotonic()
+        if self.spool is not None and now >= self._next_sync:
+            self._next_sync = now + SYNC_INTERVAL
+            self.spool.sync()
+
+    def _apply_commits(self) -> None:
+        while True:
+            try:
+                handoff = self._commits.get_nowait()
+            except queue.Empty:
+                return
+            self._unsettled.pop(handoff.batch, None)
+            self.reader.commit(handoff.batch)  # a no-op for a batch spooled meanwhile
+
+    def _read(self) -> None:
+        while True:
+            batch = self._open
+            held, held_bytes = (len(batch), batch.nbytes) if batch is not None else (0, 0)
+            batch = self.reader.read(self.batch_size - held, MAX_BATCH_BYTES - held_bytes,
+                                     into=batch)
+            if not batch:
+                return
+            now = time.monotonic()
+            if self._open is None:
+                self._open, self._opened_at = batch, now
+            full = len(batch) >= self.batch_size or batch.nbytes >= MAX_BATCH_BYTES
+            if not (full or self.finishing or now - self._opened_at >= LINGER):
+                return
+            self._open = None
+            self._close(batch)
+
+    def _spooling(self) -> bool:
+        return self.spool is not None and time.monotonic() >= self._spool_again_at
+
+    def _close(self, batch: Batch) -> None:
+        keeping_up = len(self._unsettled) < HANDOFF_LIMIT and not (self.spool
+                                                                    and self.spool.unread())
+        if keeping_up or not self._spooling() or not self._spool_batch(batch):
+            handoff = Handoff(batch)
+            self._unsettled[batch] = handoff
+            self._handed.put(handoff)
+
+    def _take_over(self) -> None:
+        """Spool and commit the batches the loop has not settled (see the module docstring)."""
+        for batch, handoff in list(self._unsettled.items()):
+            if not self._spool_batch(batch):
+                return  # the rest stay with the loop
+            handoff.spooled = True
+            handoff.cancel.set()
+            del self._unsettled[batch]
+
+    def _spool_batch(self, batch: Batch) -> bool:
+        """Append the batch's records to the spool and commit the batch in the ring; True if
+        the spool took them all (written, or dropped and counted to stay under its bounds).
+        False when it could not write them (its warning says why): the batch stays in the
+        ring, and the ring alone holds events for WRITE_RETRY seconds."""
+        assert self.spool is not None
+        if self.spool.append(batch.records) < len(batch.records):
+            self._spool_again_at = time.monotonic() + WRITE_RETRY
+            return False
+        for skipped in batch.skipped:
+            self.skipped.put(skipped)
+        self.reader.commit(batch)
+        return True
+
+    def evacuate(self) -> int:
+        """After `stop()`: write every record not delivered (handed over and unsettled, open,
+        or still unread in the ring) to the spool and commit it. Returns the records spooled."""
+        if self.spool is None:
+            return 0
+        self._apply_commits()
+        self._spool_again_at = 0.0
+        moved = sum(len(batch) for batch in self._unsettled)
+        self._take_over()
+        if self._unsettled:  # the spool cannot write: what is left stays in the ring
+            return 0
+        batch = self._open or self.reader.read(self.batch_size, MAX_BATCH_BYTES)
+        self._open = None
+        while batch:
+            if not self._spool_batch(batch):
+                break
+            moved += len(batch)
+            batch = self.reader.read(self.batch_size, MAX_BATCH_BYTES)
+        self.spool.sync()
+        return moved
