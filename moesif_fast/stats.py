@@ -107,6 +107,13 @@ def render(report: dict[str, Any]) -> str:
             + f"; {shipper.get('catch_ups', 0)} catch-ups so far")
         lines.append(f"  updates     delivered {shipper['updates_delivered']}, refused "
                      f"{shipper['updates_refused']} (users, companies, subscriptions)")
+        spool = shipper.get("spool")
+        lines.append("  spool       none (SPOOL_BYTES 0, or its folder could not be used: see "
+                     "the shipper's log)" if not spool else
+                     f"  spool       {spool['records']} events, {spool['bytes'] >> 10} KiB in "
+                     f"{spool['segments']} segments, oldest {_seconds(spool['oldest_age_s'])}; "
+                     f"dropped: full {spool['dropped_full']}, damaged "
+                     f"{spool['dropped_corrupt']}; write errors {spool['write_errors']}")
         if shipper.get("last_error"):
             lines.append(f"  last error  {shipper['last_error']}")
     else:

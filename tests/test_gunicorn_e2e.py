@@ -339,4 +339,6 @@ def test_stats_command_shows_ring_lanes_and_shipper(start_server: StartServer,
     assert f"shipper     pid {shipper_pid}: delivered {len(exchanges)}" in text
     assert "priority    below the workers' (nice 19, on Linux); 0 catch-ups so far" in text
     assert re.search(rf"appended\s+{len(exchanges)}\s+committed {len(exchanges)}", text), text
+    assert re.search(r"spool\s+0 events, \d+ KiB in \d+ segments, oldest never; dropped: "
+                     r"full 0, damaged 0; write errors 0", text), text
     assert server.stop() == 0
