@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -116,17 +117,32 @@ _STRINGS = {"APPLICATION_ID", "BASE_URI", "LOCAL_MOESIF_BASEURL", "API_VERSION",
             "AUTHORIZATION_HEADER_NAME", "AUTHORIZATION_USER_ID_FIELD", "RING_DIR", "SPOOL_DIR"}
 
 
+CALLBACK_ERROR_LOG_INTERVAL = 60.0  # seconds between two warnings about one callback
+_callback_errors: dict[str, list[float]] = {}  # callback → [errors not yet logged, next log]
+
+
 def call_user_function(options: MoesifOptions, function: Callable[..., Any],
                        *args: object) -> Any:
-    """Call a user callback (SKIP, IDENTIFY_USER, ...): its exception gives None, logged only
-    with LOCAL_DEBUG, and never reaches the application."""
+    """Call a user callback (SKIP, IDENTIFY_USER, ...): its exception gives None and never
+    reaches the application. Each callback's errors are logged at WARNING at most once a
+    minute per process, with their count; with LOCAL_DEBUG each one, with its traceback."""
     try:
         return function(*args)
     except Exception:
+        name = getattr(function, "__qualname__", repr(function))
+        logger = logging.getLogger("moesif_fast")
         if options.LOCAL_DEBUG:
-            logging.getLogger("moesif_fast").warning(
-                "moesif_fast: %s raised; its value is left out of the event",
-                getattr(function, "__qualname__", function), exc_info=True)
+            logger.warning("moesif_fast: %s raised; its value is left out of the event", name,
+                           exc_info=True)
+            return None
+        errors = _callback_errors.setdefault(name, [0, 0.0])
+        errors[0] += 1
+        now = time.monotonic()
+        if now >= errors[1]:
+            logger.warning("moesif_fast: the callback %s raised %d times since the last report; "
+                           "its value is left out of those events (LOCAL_DEBUG logs each one "
+                           "with its traceback)", name, errors[0])
+            errors[0], errors[1] = 0, now + CALLBACK_ERROR_LOG_INTERVAL
         return None
 
 

@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import decimal
 import json
+import logging
 import os
 import string
 import uuid
@@ -21,6 +22,7 @@ import django  # noqa: E402
 
 django.setup()
 
+import pytest  # noqa: E402
 from django.http import (  # noqa: E402
     HttpRequest,
     HttpResponse,
@@ -136,6 +138,23 @@ def test_broken_callbacks_never_reach_the_application(ring: Reader) -> None:
     assert response.status_code == 201 and response.json() == {"got": {"b": 2}}
     [call] = captured(ring)
     assert (call.user_id, call.company_id, call.metadata) == (None, None, None)
+
+
+def test_a_raising_callback_is_logged_with_its_count_at_most_once_a_minute(
+        ring: Reader, caplog: pytest.LogCaptureFixture) -> None:
+    def failing_identify(request: HttpRequest, response: HttpResponse) -> object:
+        raise RuntimeError("callback bug")
+
+    with caplog.at_level(logging.WARNING, logger="moesif_fast"):
+        for _ in range(3):
+            assert send("get", "/echo", {"IDENTIFY_USER": failing_identify}).status_code == 201
+    warnings = [record.getMessage() for record in caplog.records
+                if "failing_identify" in record.getMessage()]
+    assert warnings == [
+        "moesif_fast: the callback test_a_raising_callback_is_logged_with_its_count_at_most_once"
+        "_a_minute.<locals>.failing_identify raised 1 times since the last report; its value is "
+        "left out of those events (LOCAL_DEBUG logs each one with its traceback)"]
+    assert len(captured(ring)) == 3
 
 
 def test_callback_values_marshal_cannot_carry_are_made_plain(ring: Reader) -> None:
