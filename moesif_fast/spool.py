@@ -155,10 +155,12 @@ class SpoolStats:
 class SpoolBatch:
     """Records read together (`records`, in append order), committed together."""
 
-    __slots__ = ("records", "_end", "_first_ns", "_committed")
+    __slots__ = ("records", "sequences", "_end", "_first_ns", "_committed")
 
     def __init__(self) -> None:
         self.records: list[bytes] = []
+        self.sequences: list[int] = []  # each record's sequence number (its segment's first
+        # plus its index there): the same for the same record when the spool is opened again
         self._end: tuple[_Segment, int] | None = None  # (segment, index) after the batch
         self._first_ns = 0
         self._committed = False
@@ -679,6 +681,7 @@ class Spool:
                 batch._first_ns = int.from_bytes(data[12:FRAME_BYTES], "little")
             starts = list(map(sub, segment.starts[index:last + 1], repeat(first - FRAME_BYTES)))
             records.extend(map(data.__getitem__, map(slice, starts, map(add, starts, lengths))))
+            batch.sequences.extend(range(segment.seq + index, segment.seq + last + 1))
             segment.read = last + 1
             self._unread -= count
             taken += count

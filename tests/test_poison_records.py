@@ -33,7 +33,9 @@ from moesif_fast.ringbuffer.layout import (
     WORD_READER_HEARTBEAT,
     record_span,
 )
-from moesif_fast.ringfile import shipper_stats_path
+from moesif_fast.ringfile import shipper_stats_path, spool_folder
+from moesif_fast.settings import load
+from moesif_fast.spool import Spool
 
 LANES = 3  # lanes the tests write to (the ring has one more: overflow)
 PER_LANE = 4
@@ -409,3 +411,38 @@ def test_a_batch_never_holds_more_records_than_asked(tmp_path: Path) -> None:
         reader.commit(batch)
     assert sizes == [7, 5]
     reader.close()
+
+
+def test_a_spool_record_that_crashes_the_shipper_is_skipped_by_the_next(
+        deployment: dict[str, Any]) -> None:
+    """The same for records read back from the spool: the mark names them by the reader's
+    outside lane and their spool sequence number."""
+    ring, collector, workspace = (deployment[key] for key in ("ring", "collector", "workspace"))
+    options = json.loads(deployment["environment"]["MOESIF_DEMO_OPTIONS"])
+    deployment["environment"]["MOESIF_DEMO_OPTIONS"] = json.dumps(
+        {**options, "SPOOL_DIR": str(workspace / "spool")})
+    folder = spool_folder(load({"APPLICATION_ID": APPLICATION_ID, "BASE_URI": collector.url,
+                                "SPOOL_DIR": str(workspace / "spool")}), SETTINGS_MODULE)
+    os.makedirs(os.path.dirname(folder), mode=0o700)
+    spool = Spool(folder)
+    records = [call_record(0, number, "crash" if number == 2 else "items")
+               for number in range(5)]
+    assert spool.append(records) == 5
+    spool.close()
+
+    first = ship(deployment)
+    assert first.wait(timeout=180) == -signal.SIGSEGV
+    outside_lane = ring.geometry.lane_count
+    assert (ring.words[WORD_DECODING_LANE] - 1, ring.words[WORD_DECODING_POSITION]) == (
+        outside_lane, 2)  # the third record the spool ever took
+
+    second = ship(deployment, "--idle-exit", "1")
+    assert second.wait(timeout=180) == 0, (workspace / "shipper.log").read_text()
+    assert {event["transaction_id"] for event in collector.events()} == {
+        f"tx-0-{number}" for number in (0, 1, 3, 4)}
+    assert shipper_counters(ring)["poison"] == 1
+    assert "skipped the spool record of sequence number 2" in (
+        workspace / "shipper.log").read_text()
+    reopened = Spool(folder)
+    assert reopened.stats().records == 0
+    reopened.close()

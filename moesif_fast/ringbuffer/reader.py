@@ -103,6 +103,11 @@ class Reader:
         self._pending: deque[Batch] = deque()
         self._next_lane = 0
         self._marked_lane = -1  # the lane `mark` last stored (-1: none stored)
+        self.outside_lane = geometry.lane_count
+        """The lane number `mark` takes for records that are no longer in the ring (the
+        shipper's spool): their positions are the caller's, and a poison one is only listed
+        in `poisoned_outside` for the caller to skip."""
+        self.poisoned_outside: set[int] = set()
         self._skip = self._poison_positions()  # lane → positions of poison records to skip
         self._words[WORD_READER_PID] = os.getpid()
         self.heartbeat()
@@ -275,7 +280,9 @@ class Reader:
         skip: dict[int, set[int]] = {}
         for lane_plus_one, position in entries:
             lane = lane_plus_one - 1
-            if lane in self._lanes and self._positions[lane] <= position < POSITION_LIMIT \
+            if lane == self.outside_lane:
+                self.poisoned_outside.add(position)
+            elif lane in self._lanes and self._positions[lane] <= position < POSITION_LIMIT \
                     and not position & 15:  # not yet released (nor damaged)
                 skip.setdefault(lane, set()).add(position)
         return skip

@@ -30,7 +30,6 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import asdict, dataclass
-from itertools import repeat
 from typing import Any
 
 from .. import private
@@ -230,7 +229,8 @@ class Shipper:
                                                               strict=True))
             cancel = work.cancel
         else:
-            events, updates = self._decode(work.records, None)
+            records, places = self._unpoisoned(work)
+            events, updates = self._decode(records, places)
             cancel = threading.Event()
         requests = [Request(work, EVENTS_PATH, serialize_batch(events), len(events), True,
                             cancel)] if events else []
@@ -246,17 +246,31 @@ class Shipper:
         for request in requests:
             jobs.put(request)
 
-    def _decode(self, payloads: list[bytes], places: Iterable[tuple[int, int]] | None
+    def _unpoisoned(self, batch: SpoolBatch) -> tuple[list[bytes], list[tuple[int, int]]]:
+        """The spool batch's records but those that killed or hung a previous shipper of this
+        ring (counted and logged), with their places for `_decode`: the reader's outside lane
+        and their spool sequence numbers."""
+        lane, poisoned = self.reader.outside_lane, self.reader.poisoned_outside
+        records, places = [], []
+        for record, sequence in zip(batch.records, batch.sequences, strict=True):
+            if sequence in poisoned:
+                self._count_poison(lane, sequence, len(record))
+            else:
+                records.append(record)
+                places.append((lane, sequence))
+        return records, places
+
+    def _decode(self, payloads: list[bytes], places: Iterable[tuple[int, int]]
                 ) -> tuple[list[bytes], list[EntityUpdate]]:
-        """Events (JSON text) and profile updates from records. With `places` (the ring lane
-        and position of each record), each record is named in the ring's header while it is
-        decoded and built, so that one that kills the process is skipped by the next one."""
+        """Events (JSON text) and profile updates from records. Each record is named by its
+        place (ring lane and position, or the reader's outside lane and spool sequence) in the
+        ring's header while it is decoded and built, so that one that kills the process is
+        skipped by the next one."""
         events: list[bytes] = []
         updates: list[EntityUpdate] = []
         mark = self.reader.mark
-        for payload, place in zip(payloads, places or repeat(None), strict=False):
-            if place is not None:
-                mark(*place)  # a crash or hang from here to the next mark names the record
+        for payload, place in zip(payloads, places, strict=True):
+            mark(*place)  # a crash or hang from here to the next mark names the record
             record = decode(payload)
             if record is None:
                 self._count_unreadable()
@@ -271,8 +285,7 @@ class Shipper:
                     self.counters.build_errors += 1
                     logger.warning("moesif_fast shipper: could not build an event; it is "
                                    "dropped", exc_info=True)
-        if places is not None:
-            self.reader.clear_mark()
+        self.reader.clear_mark()
         return events, updates
 
     def _commit(self, work: Work) -> None:
@@ -298,10 +311,12 @@ class Shipper:
         skipped unread, so that it cannot stop delivery again. Each is logged: there is at
         most one per shipper that died."""
         self.counters.poison += 1
-        logger.warning("moesif_fast shipper: skipped the ring record at lane %d, position %d "
-                       "(%d bytes): the previous shipper died or was killed while decoding it "
-                       "or building its event; it is dropped (%d skipped so far)", lane,
-                       position, size, self.counters.poison)
+        where = (f"the spool record of sequence number {position}"
+                 if lane == self.reader.outside_lane
+                 else f"the ring record at lane {lane}, position {position}")
+        logger.warning("moesif_fast shipper: skipped %s (%d bytes): the previous shipper died or "
+                       "was killed while decoding it or building its event; it is dropped (%d "
+                       "skipped so far)", where, size, self.counters.poison)
 
     def _send_forever(self, jobs: queue.Queue[Request | None], low_priority: bool) -> None:
         """A sender thread: it cannot die with the shipper running (an unexpected error is
