@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import psutil
 import pytest
+import requests
 from conftest import (
     Collector,
     Exchange,
@@ -342,3 +343,20 @@ def test_stats_command_shows_ring_lanes_and_shipper(start_server: StartServer,
     assert re.search(r"spool\s+0 events, \d+ KiB in \d+ segments, oldest never; dropped: "
                      r"full 0, damaged 0; write errors 0", text), text
     assert server.stop() == 0
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
+def test_every_worker_class_boots_queries_the_database_and_captures(
+        start_server: StartServer, collector: Collector, worker_class: str) -> None:
+    """The hooks import no Django in the arbiter, so a worker class that monkey-patches after
+    the fork (gevent) gets an untouched Django: its database connections work."""
+    server = start_server(workers=2, extra_args=("-k", worker_class))
+    with requests.Session() as session:
+        answers = [session.get(f"{server.url}/api/database?rid={worker_class}-{number}",
+                               timeout=30) for number in range(40)]
+    assert [(answer.status_code, answer.json()) for answer in answers] == [
+        (200, {"answer": 42})] * 40
+    events = collector.wait_for({f"{worker_class}-{number}" for number in range(40)})
+    assert all(len(found) == 1 for found in events.values())
+    assert server.stop() == 0
+    assert "Traceback" not in server.log, server.log

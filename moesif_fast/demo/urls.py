@@ -11,4 +11,5 @@ urlpatterns = [
     path("api/stream", views.stream),
     path("api/status/<int:code>", views.status),
     path("api/slow", views.slow),
+    path("api/database", views.database),
 ]

@@ -1,7 +1,8 @@
-"""Views of the example API: JSON in and out, text, streaming, chosen statuses."""
+"""Views of the example API: JSON in and out, text, streaming, chosen statuses, a database."""
 
 import time
 
+from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -37,3 +38,11 @@ def status(request: HttpRequest, code: int) -> JsonResponse:
 def slow(request: HttpRequest) -> JsonResponse:
     time.sleep(float(request.GET.get("seconds", "0.05")))
     return JsonResponse({"slept": True})
+
+
+def database(request: HttpRequest) -> JsonResponse:
+    """A query through Django's connection (an in-memory SQLite database per connection)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 6 * 7")
+        (answer,) = cursor.fetchone()
+    return JsonResponse({"answer": answer})
