@@ -349,8 +349,10 @@ def test_stats_command_shows_ring_lanes_and_shipper(start_server: StartServer,
 def test_every_worker_class_boots_queries_the_database_and_captures(
         start_server: StartServer, collector: Collector, worker_class: str) -> None:
     """The hooks import no Django in the arbiter, so a worker class that monkey-patches after
-    the fork (gevent) gets an untouched Django: its database connections work."""
-    server = start_server(workers=2, extra_args=("-k", worker_class))
+    the fork (gevent) gets an untouched Django: its database connections work. The hooks are
+    given as a pip user has them: the installed module as gunicorn's config."""
+    server = start_server(workers=2, extra_args=("-k", worker_class),
+                          config="python:moesif_fast.gunicorn")
     with requests.Session() as session:
         answers = [session.get(f"{server.url}/api/database?rid={worker_class}-{number}",
                                timeout=30) for number in range(40)]
