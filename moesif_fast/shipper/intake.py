@@ -58,7 +58,8 @@ class Handoff:
 
 class RingIntake:
     """The ring stage (see the module docstring). `start()` its thread; the loop calls
-    `next_batch`, `settle` and `finish`; `stop()` then `evacuate()` at the deadline."""
+    `next_batch`, `settle` and `idle`, and sets `finishing`; `stop()` then `evacuate()` at the
+    deadline."""
 
     def __init__(self, reader: Reader, spool: Spool | None, batch_size: int) -> None:
         self.reader = reader
