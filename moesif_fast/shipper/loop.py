@@ -368,8 +368,10 @@ class Shipper:
             counters.last_error = outcome.error
             logger.error("moesif_fast shipper: the collector refused %d records for %s (%s); "
                          "they are dropped", request.count, request.path, outcome.error)
-        else:  # cancelled before delivery: the batch stays in the ring or spool (or was
-            counters.last_error = outcome.error  # spooled) for a later sender or shipper
+        elif not (isinstance(request.work, Handoff) and request.work.spooled):
+            counters.last_error = outcome.error  # cancelled at the deadline: the batch stays
+            # for the next shipper (a batch the ring stage spooled is no error: it is sent
+            # again from the spool)
         progress = self._unsettled[request.work]
         progress.waiting -= 1
         progress.keep = progress.keep or not (outcome.delivered or outcome.permanent)
