@@ -56,35 +56,39 @@ def batches() -> list[list[bytes]]:
     return [made[start:start + BATCH] for start in range(0, RECORDS, BATCH)]
 
 
-def backlog(spool: Spool, work: list[list[bytes]]) -> int:
-    since_sync = 0
+def append_all(spool: Spool, work: list[list[bytes]],
+               between: Callable[[], int] = lambda: 0) -> int:
+    """Append every batch, syncing every SYNC_EVERY bytes, calling `between` after each
+    append; the sum of what `between` returned."""
+    since_sync = total = 0
     for batch in work:
         spool.append(batch)
         since_sync += len(batch) * KiB
         if since_sync >= SYNC_EVERY:
             spool.sync()
             since_sync = 0
+        total += between()
     spool.sync()
+    return total
+
+
+def drain_batch(spool: Spool) -> int:
+    """Read and commit one batch; how many records it held."""
+    read = spool.read(BATCH, BATCH * 2 * KiB)
+    spool.commit(read)
+    return len(read.records)
+
+
+def backlog(spool: Spool, work: list[list[bytes]]) -> int:
+    append_all(spool, work)
     drained = 0
-    while (read := spool.read(BATCH, BATCH * 2 * KiB)).records:
-        drained += len(read.records)
-        spool.commit(read)
+    while count := drain_batch(spool):
+        drained += count
     return drained
 
 
 def interleaved(spool: Spool, work: list[list[bytes]]) -> int:
-    since_sync = drained = 0
-    for batch in work:
-        spool.append(batch)
-        since_sync += len(batch) * KiB
-        if since_sync >= SYNC_EVERY:
-            spool.sync()
-            since_sync = 0
-        read = spool.read(BATCH, BATCH * 2 * KiB)
-        drained += len(read.records)
-        spool.commit(read)
-    spool.sync()
-    return drained
+    return append_all(spool, work, lambda: drain_batch(spool))
 
 
 def run(benchmark: Any, spool: Spool, capsys: pytest.CaptureFixture[str],
