@@ -134,10 +134,16 @@ def _prepare(server: Any, settings_module: str) -> dict[str, Any] | None:
     try:
         finished = subprocess.run(command, env=_child_environment(), capture_output=True,
                                   text=True, timeout=PREPARE_TIMEOUT, stdin=subprocess.DEVNULL)
-        prepared = json.loads(finished.stdout)
-    except (OSError, subprocess.SubprocessError, ValueError) as error:
+    except (OSError, subprocess.SubprocessError) as error:
         server.log.error("moesif_fast: could not prepare the event ring (%s); nothing is "
                          "captured", error)
+        return None
+    try:
+        prepared = json.loads(finished.stdout)
+    except ValueError:
+        server.log.error("moesif_fast: could not prepare the event ring (`%s` exited with %s: "
+                         "%s); nothing is captured", " ".join(command[1:]), finished.returncode,
+                         finished.stderr.strip()[-2000:])
         return None
     for level, message in prepared["messages"]:
         (server.log.error if level == "ERROR" else server.log.warning)("moesif_fast: %s",

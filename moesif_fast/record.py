@@ -151,7 +151,7 @@ def encode_call_safely(fields: tuple) -> bytes:
     shipper would, when MessagePack refuses them (sets, datetimes, Decimals, objects from a
     WSGI server or a callback). A string with a lone surrogate is carried as it is."""
     try:
-        return CALL_V3 + _packers.pack(fields)
+        return encode_call(fields)
     except UnicodeEncodeError:  # a lone surrogate (a ValueError too: caught below otherwise)
         try:
             return CALL_V3 + _packers.pack_lenient(fields)

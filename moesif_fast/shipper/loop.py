@@ -130,6 +130,7 @@ class Shipper:
         self._next_stats = 0.0
         self._next_unreadable_log = 0.0
         self._next_stats_error_log = 0.0
+        self._spool_fill = 0.0  # the spool's bytes over SPOOL_BYTES, updated with the counters
         self._failures_seen = 0  # the transport's failed attempts when last_error was set
 
     def run(self, should_finish: Callable[[], bool], finish_deadline: float) -> bool:
@@ -212,11 +213,9 @@ class Shipper:
         return self._normal_priority
 
     def _backlog(self) -> float:
-        """How full the fuller of the ring (its fullest lane) and the spool is, 0.0 to 1.0."""
-        fill = self.reader.fill()
-        if self.spool is not None:
-            fill = max(fill, self.spool.stats().bytes / max(1, self.options.SPOOL_BYTES))
-        return fill
+        """How full the fuller of the ring (its fullest lane) and the spool (as of the last
+        published counters: a second old at most) is, 0.0 to 1.0."""
+        return max(self.reader.fill(), self._spool_fill)
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -416,6 +415,7 @@ class Shipper:
             self._count_poison(*self.intake.skipped.get())
         if self.spool is not None:
             spool = self.spool.stats()
+            self._spool_fill = spool.bytes / max(1, self.options.SPOOL_BYTES)
             self.counters.spool = dict(asdict(spool), oldest_age_s=(
                 (time.time_ns() - spool.oldest_ns) / 1e9 if spool.oldest_ns else None))
         failure = self.transport.last_failure
