@@ -16,45 +16,62 @@ Every integer is little-endian. CRC-32 is `zlib.crc32`: IEEE 802.3 (polynomial 0
 in gzip and PNG), not CRC-32C.
 
     Segment header, 16 bytes
-        0  char[7] magic b"MFSPOOL"     7  u8 version (1)
+        0  char[7] magic b"MFSPOOL"     7  u8 version (2)
         8  u64 created_ns (time.time_ns() when the file was created)
-    Frames from offset 16, one after another, each a 20-byte header and its payload
+    Blocks from offset 16, one after another: one per append call and segment it reaches
         0  char[4] sync marker b"\\xf3\\x5a\\x0b\\xc9"
-        4  u32 payload length
-        8  u32 CRC-32 of the length (bytes 4..8), then written_ns and the payload (12..end)
-       12  u64 written_ns (time.time_ns() of the append call that wrote it)
-       20  payload
+        4  u32 CRC-32 of bytes 8..28 (the rest of this header)
+        8  u32 count: how many records the block holds (at least 1)
+       12  u32 body bytes (what follows this header)
+       16  u64 written_ns (time.time_ns() of the append call that wrote it)
+       24  u32 CRC-32 of the body
+       28  body: the table (each record's payload length, u32), then the payloads in order
     Ledger, 28 bytes
         0  char[7] magic b"MFSPLDG"     7  u8 version (1)
         8  u64 sequence number of the segment holding the committed position
-       16  u64 byte offset in that segment: every frame before it was delivered
+       16  u64 byte offset in that segment where the first record not delivered begins (its
+           block's header if it is the block's first record, else its payload)
        24  u32 CRC-32 of bytes 0..24
 
-A segment rolls over when the next frame would take it past SEGMENT_BYTES; a record never spans
-two segments (a record larger than that gets a segment of its own). One append call's frames go
-to the file in one `pwrite` per segment, never one per record.
+One checksum per block, not per record: zlib.crc32 has a fixed cost per call, so over 1 KB
+records one CRC of the whole body costs about half as much per record, and the header is
+packed once per block. The header has a CRC of its own, so a block whose body is damaged still
+says how many records it held. The price: damage anywhere in a body loses the whole block (at
+most one append call's records), not just the record it hit.
+
+A segment rolls over when the next block would take it past SEGMENT_BYTES; a record never spans
+two segments (a record larger than that gets a segment of its own). A block goes to the file in
+one `pwrite` of one buffer (the table and the payloads joined once, the header filled in after
+the CRC): no per-record header, syscall or checksum call.
 
 Opening. Byte and record counts are recomputed from the segment files, never taken from the
-ledger: every frame is checked (sync marker, length within the file, CRC). In the last
-segment, a torn tail (a partial frame, or bytes that are no frame, after the last good one) is
-cut off and counted in `truncated_bytes`. A damaged stretch elsewhere (bad CRC, impossible
-length, lost marker) is skipped up to the next sync marker whose frame checks out; its frames
-are counted in `dropped_corrupt` (by following the length fields and markers through the
-stretch: at least one per stretch, erring high) and logged. A segment whose header is not this
-format and version is logged, counted the same way and deleted. The search for a marker does
-a bounded amount of work, so damage never makes opening loop. Reading starts at the ledger's
-position. A ledger naming a segment that no longer exists (dropped to stay under a bound, or
-damaged) means the first existing segment; segments before the ledger's were delivered and
-are deleted. A damaged or missing ledger means the first segment: records are sent again
-rather than lost.
+ledger: every block is checked (sync marker, header CRC, body within the file, body CRC, a
+table that adds up to the body). A block is kept or dropped whole. In the last segment, a torn
+tail (a partial block, or bytes that are no good block, after the last good one) is cut off and
+counted in `truncated_bytes`: its records were either never acknowledged (the process died in
+the write) or not yet synced (a power loss), which the durability promise below allows. A
+damaged stretch elsewhere is skipped up to the next sync marker whose block checks out; its
+records are counted in `dropped_corrupt` block by block (exactly, from a header whose CRC
+checks out even if its marker is lost; from the count field of a header with a bad CRC and an
+intact marker if that many table entries fit; else one) and logged. A segment whose header is
+not this format and version (version 1 segments included: nothing was converted) is logged,
+counted the same way (a version 1 frame counts as one) and deleted. The search for a marker
+does a bounded amount of work, so damage never makes opening loop. Reading starts at the
+ledger's position. A ledger naming a segment that no longer exists (dropped to stay under a
+bound, or damaged) means the first existing segment; segments before the ledger's were
+delivered and are deleted. A damaged or missing ledger means the first segment: records are
+sent again rather than lost.
 
 Reading and committing. The spool keeps, per segment, the offset and length of every good
-frame (12 bytes of memory per record held): from the scan at open, and from `append`. `read`
-takes its batch from that index with one `pread`, checking the first and last frame's marker
-and length against it; it does not recompute CRCs, which were checked when the frames were
-written or scanned. A segment found changed under the spool (it no longer matches the index)
-is given up from there: counted in `dropped_corrupt` and logged; `read` never raises. (The
-next open scans the file again and keeps what still checks out.) `commit`
+record's payload (12 bytes of memory per record held) and the offset, first record and write
+time of every block (24 bytes per block): from the scan at open, and from `append`. `read`
+takes its batch from that index with one `pread`, from where its first record begins to the
+end of its last, and slices the records out of it. It checks that it got every byte and that
+every block header in the range checks out (marker, CRC) with the write time the index holds;
+it does not recompute body CRCs, which were checked when the blocks were written or scanned.
+A segment found changed under the spool (it no longer matches the index) is given up from
+there: counted in `dropped_corrupt` and logged; `read` never raises. (The next open scans the
+file again and keeps what still checks out.) `commit`
 may come in any order, but the committed position only moves over a prefix of batches that
 are all committed, as in the ring's reader. A segment whose every record is committed, and
 that is not the one being written, is deleted: the ledger is persisted first, then the file
@@ -62,7 +79,7 @@ unlinked, so a crash in between leaves a ledger that names a later segment, neve
 names a deleted file.
 
 Bounds. Before an append, if the held bytes (from the committed position to the end) plus the
-new frames would pass `max_bytes`, the held records plus the new ones would pass `max_records`,
+new block would pass `max_bytes`, the held records plus the new ones would pass `max_records`,
 or the file system's free space (`statvfs`: f_bavail * f_frsize) would fall under
 max(MIN_FREE_BYTES, MIN_FREE_SHARE of the file system), the OLDEST whole segments (never the
 one being written) are deleted, and their records not yet read are counted in `dropped_full`
@@ -75,7 +92,7 @@ dashboards and alerts need most after an outage is the newest traffic; and becau
 whole file is one cheap unlink.
 
 Errors. An OSError while writing (ENOSPC, EIO, ...) never leaves `append`: the segment is cut
-back to its last good frame where possible, the call returns how many of its records were
+back to its last good block where possible, the call returns how many of its records were
 taken, and the rest are counted in `write_errors` and logged (at most once a minute). Only the
 constructor raises (an unusable folder: OSError, `private.UnsafePathError`, SpoolBusyError);
 the shipper then runs without a spool.
@@ -104,23 +121,26 @@ import time
 import zlib
 from array import array
 from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate, repeat
 from operator import add, sub
 
 from . import private
 
-SEGMENT_BYTES = 16 << 20  # a segment rolls over when the next frame would pass this
+SEGMENT_BYTES = 16 << 20  # a segment rolls over when the next block would pass this
 MIN_FREE_BYTES = 64 << 20  # the free space left on the file system, at least ...
 MIN_FREE_SHARE = 0.05  # ... and at least this share of the file system
 MAGIC = b"MFSPOOL"
-VERSION = 1
+VERSION = 2  # of the segments
 LEDGER_MAGIC = b"MFSPLDG"
+LEDGER_VERSION = 1
 SYNC = b"\xf3\x5a\x0b\xc9"
 SEGMENT_HEADER = struct.Struct("<7sBQ")
 HEADER_BYTES = SEGMENT_HEADER.size  # 16
-FRAME = struct.Struct("<4sIIQ")  # sync marker, payload length, CRC-32, written_ns
-FRAME_BYTES = FRAME.size  # 20
+BLOCK = struct.Struct("<4sIIIQI")  # marker, header CRC, count, body bytes, written_ns, body CRC
+BLOCK_BYTES = BLOCK.size  # 28
+ENTRY_BYTES = 4  # a record's entry in its block's table: its length
 LEDGER = struct.Struct("<7sBQQ")
 LEDGER_BYTES = LEDGER.size + 4  # 28, with the CRC
 LOCK_NAME = "spool.lock"
@@ -129,7 +149,8 @@ SEGMENT_NAME = re.compile(r"[0-9a-f]{16}\.seg")
 LEFTOVER_NAME = re.compile(r"\.ledger\..*\.tmp")  # a temporary ledger a crash left behind
 WARN_INTERVAL = 60.0  # seconds between two warnings of the same kind
 
-_LENGTH_AND_TIME = struct.Struct("<IQ")
+_BLOCK_FIELDS = struct.Struct("<IIQI")  # the header's bytes 8..28, which its CRC covers
+_NO_HEADER = bytes(BLOCK_BYTES)  # where a block's header goes once its body is checksummed
 _crc32 = zlib.crc32
 logger = logging.getLogger("moesif_fast.shipper")
 
@@ -147,7 +168,7 @@ class SpoolStats:
     appended: int  # records written by append()
     committed: int  # records in committed batches
     dropped_full: int  # records dropped to stay under a bound
-    dropped_corrupt: int  # frames skipped as damaged
+    dropped_corrupt: int  # records skipped as damaged
     truncated_bytes: int  # torn tail cut off at open
     write_errors: int  # records an I/O error kept out of the spool (append returned less)
 
@@ -167,63 +188,108 @@ class SpoolBatch:
 
 
 class _Segment:
-    __slots__ = ("seq", "path", "fd", "end", "starts", "lengths", "read", "committed", "alive")
+    __slots__ = ("seq", "path", "fd", "end", "starts", "lengths", "blocks", "firsts", "times",
+                 "read", "committed", "alive")
 
     def __init__(self, seq: int, path: str, fd: int, end: int) -> None:
         self.seq = seq
         self.path = path
         self.fd = fd  # -1 when closed
-        self.end = end  # end of the last good frame
-        self.starts = array("Q")  # offset of each good frame
-        self.lengths = array("I")  # its payload length
-        self.read = 0  # index of the next frame to read
-        self.committed = 0  # index of the first frame not committed
+        self.end = end  # end of the last good block
+        self.starts = array("Q")  # offset of each good record's payload
+        self.lengths = array("I")  # its length
+        self.blocks = array("Q")  # offset of each block holding good records
+        self.firsts = array("Q")  # index of its first record
+        self.times = array("Q")  # its written_ns
+        self.read = 0  # index of the next record to read
+        self.committed = 0  # index of the first record not committed
         self.alive = True  # False once deleted
 
+    def add(self, at: int, end: int, lengths: Sequence[int], written_ns: int) -> None:
+        """Index the good block at `at` (ending at `end`) of records `lengths` long."""
+        self.blocks.append(at)
+        self.firsts.append(len(self.starts))
+        self.times.append(written_ns)
+        first = at + BLOCK_BYTES + ENTRY_BYTES * len(lengths)
+        self.starts.extend(accumulate(lengths[:-1], initial=first))
+        self.lengths.extend(lengths)
+        self.end = end
+
     def offset(self, index: int) -> int:
-        return self.starts[index] if index < len(self.starts) else self.end
+        """Where record `index` begins: at its block's header if it is the block's first
+        record, else at its payload; one past the last record: the end."""
+        if index >= len(self.starts):
+            return self.end
+        block = self.block_of(index)
+        return self.blocks[block] if self.firsts[block] == index else self.starts[index]
+
+    def block_of(self, index: int) -> int:
+        """The block holding record `index`."""
+        return bisect_right(self.firsts, index) - 1
 
 
-# --- frames ------------------------------------------------------------------------------------
+# --- blocks ------------------------------------------------------------------------------------
 
 
-def _frame_end(data: bytes, view: memoryview, at: int, size: int) -> int:
-    """The end of the good frame at `at` in data[:size], or -1."""
-    if at + FRAME_BYTES > size:
-        return -1
-    sync, length, crc, _ = FRAME.unpack_from(data, at)
-    end = at + FRAME_BYTES + length
-    if sync != SYNC or end > size or _crc32(view[at + 12:end], _crc32(view[at + 4:at + 8])) != crc:
-        return -1
-    return end
+def _header(data: bytes, at: int, size: int) -> tuple[int, int, int, int] | None:
+    """(count, end, written_ns, body CRC) of the block header at `at` in data[:size], if its
+    marker and CRC check out and its body can hold its table; else None."""
+    if at + BLOCK_BYTES > size:
+        return None
+    sync, crc, count, body, written_ns, body_crc = BLOCK.unpack_from(data, at)
+    if (sync != SYNC or crc != _crc32(data[at + 8:at + BLOCK_BYTES]) or count < 1
+            or body < ENTRY_BYTES * count):
+        return None
+    return count, at + BLOCK_BYTES + body, written_ns, body_crc
 
 
-def _next_frame(data: bytes, view: memoryview, at: int, size: int) -> int:
-    """The start of the first good frame after `at`, or `size` if there is none. The bytes
+def _block(data: bytes, view: memoryview, at: int, size: int
+           ) -> tuple[tuple[int, ...], int, int] | None:
+    """(payload lengths, end, written_ns) of the good block at `at` in data[:size], or None."""
+    header = _header(data, at, size)
+    if header is None:
+        return None
+    count, end, written_ns, body_crc = header
+    if end > size or _crc32(view[at + BLOCK_BYTES:end]) != body_crc:
+        return None
+    lengths = struct.unpack_from(f"<{count}I", data, at + BLOCK_BYTES)
+    if BLOCK_BYTES + ENTRY_BYTES * count + sum(lengths) != end - at:
+        return None
+    return lengths, end, written_ns
+
+
+def _next_block(data: bytes, view: memoryview, at: int, size: int) -> int:
+    """The start of the first good block after `at`, or `size` if there is none. The bytes
     checked are bounded (a stretch full of false markers must not take forever)."""
     budget = 4 * size + (1 << 20)
     candidate = data.find(SYNC, at + 1, size)
     while candidate >= 0 and budget > 0:
-        if _frame_end(data, view, candidate, size) >= 0:
+        if _block(data, view, candidate, size) is not None:
             return candidate
-        length = int.from_bytes(data[candidate + 4:candidate + 8], "little")
-        budget -= FRAME_BYTES + min(length, size - candidate)
+        header = _header(data, candidate, size)
+        budget -= BLOCK_BYTES + (min(header[1], size) - candidate if header else 0)
         candidate = data.find(SYNC, candidate + 1, size)
     return size
 
 
 def _count_lost(data: bytes, start: int, stop: int) -> int:
-    """How many frames the damaged stretch data[start:stop] held, as far as can be told:
-    follow length fields while they stay inside it, else the next sync marker; at least 1.
-    It errs high rather than low (a damaged length that still fits adds one)."""
+    """How many records the damaged stretch data[start:stop] held, as far as can be told,
+    block by block: the count of a header whose CRC checks out (its marker may be damaged),
+    else the count field after an intact marker if that many table entries fit, else 1. At
+    least 1."""
     count, at = 0, start
     while at < stop:
-        count += 1
-        if data[at:at + 4] == SYNC and at + FRAME_BYTES <= stop:
-            end = at + FRAME_BYTES + int.from_bytes(data[at + 4:at + 8], "little")
-            if end <= stop:
-                at = end
-                continue
+        claimed, end = 1, -1
+        if at + BLOCK_BYTES <= stop:
+            sync, crc, fields_count, body, _, _ = BLOCK.unpack_from(data, at)
+            if crc == _crc32(data[at + 8:at + BLOCK_BYTES]):
+                claimed, end = fields_count, at + BLOCK_BYTES + body
+            elif sync == SYNC and BLOCK_BYTES + ENTRY_BYTES * fields_count <= stop - at:
+                claimed = fields_count
+        count += max(claimed, 1)
+        if at < end <= stop:
+            at = end
+            continue
         at = data.find(SYNC, at + 1, stop)
         if at < 0:
             break
@@ -295,8 +361,8 @@ class Spool:
         with self._lock:
             if self._closed or not records:
                 return 0
-            frame_bytes = sum(map(len, records)) + FRAME_BYTES * len(records)
-            fits = self._make_room(records, frame_bytes)
+            block_bytes = BLOCK_BYTES + sum(map(len, records)) + ENTRY_BYTES * len(records)
+            fits = self._make_room(records, block_bytes)
             written = self._write(records, fits) if fits else 0
             self._appended += written
             self._held += written
@@ -443,7 +509,7 @@ class Spool:
             return None
         if len(data) == LEDGER_BYTES and _crc32(data[:-4]) == int.from_bytes(data[-4:], "little"):
             magic, version, seq, offset = LEDGER.unpack_from(data)
-            if magic == LEDGER_MAGIC and version == VERSION:
+            if magic == LEDGER_MAGIC and version == LEDGER_VERSION:
                 return seq, offset
         logger.warning("spool: the ledger %s is damaged: every record in the spool is sent "
                        "again", path)
@@ -475,19 +541,18 @@ class Spool:
             private.remove_file(path)
             return
         segment = _Segment(seq, path, fd, HEADER_BYTES)
-        starts, lengths = segment.starts, segment.lengths
         view = memoryview(data)
         at, lost = HEADER_BYTES, 0
         while at < size:
-            end = _frame_end(data, view, at, size)
-            if end >= 0:
-                starts.append(at)
-                lengths.append(end - at - FRAME_BYTES)
-                at = segment.end = end
+            block = _block(data, view, at, size)
+            if block is not None:
+                lengths, end, written_ns = block
+                segment.add(at, end, lengths, written_ns)
+                at = end
                 continue
-            following = _next_frame(data, view, at, size)
+            following = _next_block(data, view, at, size)
             if following == size:
-                break  # no good frame after it: a damaged tail
+                break  # no good block after it: a damaged tail
             if following > ledger_offset:  # not delivered already
                 lost += _count_lost(data, at, following)
             at = following
@@ -503,7 +568,7 @@ class Spool:
         if lost:
             self._dropped_corrupt += lost
             logger.warning("spool: %s is damaged: skipped about %d records", path, lost)
-        segment.committed = bisect_left(starts, ledger_offset)  # frames before the ledger's
+        segment.committed = bisect_left(segment.starts, ledger_offset)  # before the ledger's
         if not last:
             os.close(fd)
             segment.fd = -1
@@ -515,15 +580,15 @@ class Spool:
         first = self._segments[0]
         return self._total_bytes - first.offset(first.committed)
 
-    def _make_room(self, records: list[bytes], frame_bytes: int) -> int:
-        """Drop the oldest segments until `records` (`frame_bytes` as frames) fit under the
+    def _make_room(self, records: list[bytes], block_bytes: int) -> int:
+        """Drop the oldest segments until `records` (`block_bytes` as a block) fit under the
         bounds; returns how many of them fit then: all, unless only the segment being written
         is left."""
         segments, count = self._segments, len(records)
         free = self._free_bytes()
 
         def excess() -> tuple[int, int]:  # (bytes, records) over the tightest bound
-            return (max(self._held_bytes() + frame_bytes - self.max_bytes, frame_bytes - free),
+            return (max(self._held_bytes() + block_bytes - self.max_bytes, block_bytes - free),
                     self._held + count - self.max_records)
 
         over_bytes, over_records = excess()
@@ -539,9 +604,9 @@ class Spool:
                        dropped)
         fits = max(0, count - max(over_records, 0))
         if over_bytes > 0:
-            budget = frame_bytes - over_bytes
+            budget = block_bytes - over_bytes - BLOCK_BYTES
             for index, record in enumerate(records[:fits]):
-                budget -= FRAME_BYTES + len(record)
+                budget -= ENTRY_BYTES + len(record)
                 if budget < 0:
                     return index
         return fits
@@ -572,19 +637,18 @@ class Spool:
         return unread
 
     def _write(self, records: list[bytes], count: int) -> int:
-        """Write the first `count` records; returns how many were written (fewer on error)."""
+        """Write the first `count` records, one block per segment; returns how many were
+        written (fewer on error)."""
         now = time.time_ns()
         todo = records[:count]
         lengths = list(map(len, todo))
-        seeds = {length: _crc32(_LENGTH_AND_TIME.pack(length, now)) for length in set(lengths)}
-        crcs = map(_crc32, todo, map(seeds.__getitem__, lengths))
-        headers = list(map(FRAME.pack, repeat(SYNC), lengths, crcs, repeat(now)))
-        ends = list(accumulate(map(add, lengths, repeat(FRAME_BYTES))))  # from the call's start
+        ends = list(accumulate(map(add, lengths, repeat(ENTRY_BYTES))))  # from the call's start
         segment, written = self._segments[-1], 0
         while written < count:
             base = ends[written - 1] if written else 0
-            stop = bisect_right(ends, base + SEGMENT_BYTES - segment.end, written)  # they fit
-            if stop == written:  # the next frame does not fit
+            room = SEGMENT_BYTES - segment.end - BLOCK_BYTES
+            stop = bisect_right(ends, base + room, written)  # the records that fit
+            if stop == written:  # the next record does not fit
                 if segment.end == HEADER_BYTES:
                     stop += 1  # larger than a segment: alone in a new one
                 else:
@@ -592,33 +656,34 @@ class Spool:
                     if segment is None:
                         return written
                     continue
-            parts: list[bytes | None] = [None] * (2 * (stop - written))
-            parts[::2] = headers[written:stop]
-            parts[1::2] = todo[written:stop]
-            if not self._flush(segment, parts, ends[stop - 1] - base, lengths[written:stop]):
+            if not self._flush(segment, todo[written:stop], lengths[written:stop], now):
                 return written
             written = stop
         return written
 
-    def _flush(self, segment: _Segment, parts: list, size: int, lengths: list[int]) -> bool:
-        """Write `parts` (frames of payloads `lengths` long, `size` bytes in all) at the end of
-        `segment` and index them; False on an I/O error (the segment is cut back)."""
-        data = b"".join(parts)
+    def _flush(self, segment: _Segment, payloads: list[bytes], lengths: list[int], now: int
+               ) -> bool:
+        """Write `payloads` (`lengths` long) as one block at the end of `segment` and index
+        it; False on an I/O error (the segment is cut back)."""
+        count = len(lengths)
+        data = bytearray().join([_NO_HEADER, struct.pack(f"<{count}I", *lengths), *payloads])
+        size = len(data)
         start = segment.end
-        try:
-            done = 0
-            while done < size:
-                done += os.pwrite(segment.fd, data[done:] if done else data, start + done)
-        except OSError as error:
-            with contextlib.suppress(OSError):
-                os.ftruncate(segment.fd, start)
-            self._warn("write", "spool: could not write %d records to %s: %s; the shipper "
-                       "keeps them", len(lengths), segment.path, error)
-            return False
-        segment.starts.extend(accumulate(map(add, lengths[:-1], repeat(FRAME_BYTES)),
-                                         initial=start))
-        segment.lengths.extend(lengths)
-        segment.end = start + size
+        with memoryview(data) as view:
+            fields = _BLOCK_FIELDS.pack(count, size - BLOCK_BYTES, now,
+                                        _crc32(view[BLOCK_BYTES:]))
+            view[:BLOCK_BYTES] = SYNC + _crc32(fields).to_bytes(4, "little") + fields
+            try:
+                done = 0
+                while done < size:
+                    done += os.pwrite(segment.fd, view[done:], start + done)
+            except OSError as error:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(segment.fd, start)
+                self._warn("write", "spool: could not write %d records to %s: %s; the "
+                           "shipper keeps them", count, segment.path, error)
+                return False
+        segment.add(start, start + size, lengths, now)
         self._total_bytes += size
         return True
 
@@ -667,19 +732,19 @@ class Spool:
             lengths = segment.lengths[index:index + count]
             totals = list(accumulate(lengths))
             count = min(count, bisect_left(totals, max_bytes - nbytes) + 1)  # about max_bytes
-            first = segment.starts[index]
             last = index + count - 1
-            size = segment.starts[last] + FRAME_BYTES + lengths[count - 1] - first
+            first = segment.offset(index)
+            size = segment.starts[last] + lengths[count - 1] - first
             try:
                 data = os.pread(self._read_fd(segment), size, first)
             except OSError as error:
                 data = b""
                 self._warn("damage", "spool: cannot read %s: %s", segment.path, error)
-            if not self._matches(segment, data, size, index, last):
+            if not self._matches(segment, data, first, size, index, last):
                 continue
             if not records:
-                batch._first_ns = int.from_bytes(data[12:FRAME_BYTES], "little")
-            starts = list(map(sub, segment.starts[index:last + 1], repeat(first - FRAME_BYTES)))
+                batch._first_ns = segment.times[segment.block_of(index)]
+            starts = list(map(sub, segment.starts[index:last + 1], repeat(first)))
             records.extend(map(data.__getitem__, map(slice, starts, map(add, starts, lengths))))
             batch.sequences.extend(range(segment.seq + index, segment.seq + last + 1))
             segment.read = last + 1
@@ -687,21 +752,28 @@ class Spool:
             taken += count
             nbytes += totals[count - 1]
 
-    def _matches(self, segment: _Segment, data: bytes, size: int, index: int, last: int
-                 ) -> bool:
-        """True if `data`, read from `segment` at frame `index` to frame `last`, has those
-        frames where the index says. Otherwise the file changed since it was scanned or
-        written: the rest of it is given up and counted."""
+    def _matches(self, segment: _Segment, data: bytes, first: int, size: int, index: int,
+                 last: int) -> bool:
+        """True if `data`, `size` bytes read from `segment` at `first` for records `index`
+        to `last`, is whole and every block header in it checks out and is where the index
+        says. Otherwise the file changed since it was scanned or written: the rest of it is
+        given up and counted."""
         if len(data) == size:
-            sync, length, _, _ = FRAME.unpack_from(data, 0)
-            at = segment.starts[last] - segment.starts[index]
-            end_sync, end_length, _, _ = FRAME.unpack_from(data, at)
-            if sync == end_sync == SYNC and (length, end_length) == (
-                    segment.lengths[index], segment.lengths[last]):
+            block = bisect_left(segment.firsts, index)
+            while block < len(segment.firsts) and segment.firsts[block] <= last:
+                at = segment.blocks[block] - first
+                header = _header(data, at, size)
+                if header is None or header[2] != segment.times[block]:
+                    break
+                block += 1
+            else:
                 return True
-        index = segment.read  # the frames from here on leave the index, as if never written
+        index = segment.read  # the records from here on leave the index, as if never written
         lost = len(segment.starts) - index
-        cut = segment.starts[index]
+        cut = segment.offset(index)
+        block = bisect_left(segment.firsts, index)
+        for column in (segment.blocks, segment.firsts, segment.times):
+            del column[block:]
         del segment.starts[index:]
         del segment.lengths[index:]
         self._total_bytes -= segment.end - cut
@@ -727,7 +799,7 @@ class Spool:
     # -- committing ----------------------------------------------------------------------------
 
     def _advance(self, segment: _Segment, index: int) -> None:
-        """Move the committed position to frame `index` of `segment` (at or after it)."""
+        """Move the committed position to record `index` of `segment` (at or after it)."""
         segments = self._segments
         first = segments[0]
         if segment is first:
@@ -768,7 +840,7 @@ class Spool:
         if not self._ledger_dirty:
             return
         first = first or self._segments[0]
-        data = LEDGER.pack(LEDGER_MAGIC, VERSION, first.seq, first.offset(first.committed))
+        data = LEDGER.pack(LEDGER_MAGIC, LEDGER_VERSION, first.seq, first.offset(first.committed))
         try:
             private.replace_file(os.path.join(self.folder, LEDGER_NAME),
                                  data + _crc32(data).to_bytes(4, "little"))
@@ -817,12 +889,7 @@ class Spool:
         segments = self._segments
         for segment in segments[segments.index(self._reading):]:
             if segment.read < len(segment.starts):
-                with contextlib.suppress(OSError):
-                    header = os.pread(self._read_fd(segment), FRAME_BYTES,
-                                      segment.starts[segment.read])
-                    if len(header) == FRAME_BYTES and header[:4] == SYNC:
-                        return int.from_bytes(header[12:], "little")
-                return 0
+                return segment.times[segment.block_of(segment.read)]
         return 0
 
     def _warn(self, kind: str, message: str, *args: object) -> None:

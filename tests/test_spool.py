@@ -14,6 +14,7 @@ import signal
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,26 @@ from hypothesis import strategies as st
 from moesif_fast import spool as spool_module
 from moesif_fast.private import UnsafePathError
 from moesif_fast.spool import (
-    FRAME_BYTES,
+    BLOCK,
+    BLOCK_BYTES,
+    ENTRY_BYTES,
     HEADER_BYTES,
+    SYNC,
     Spool,
     SpoolBusyError,
 )
 
 RECORD_BYTES = 100
-FRAME = FRAME_BYTES + RECORD_BYTES  # 120 bytes a record takes in a segment
 PER_SEGMENT = 10
-SMALL_SEGMENT = HEADER_BYTES + PER_SEGMENT * FRAME
 KiB = 1 << 10
+
+
+def block_bytes(count: int, size: int = RECORD_BYTES) -> int:
+    """What a block of `count` records of `size` bytes takes in a segment."""
+    return BLOCK_BYTES + count * (ENTRY_BYTES + size)
+
+
+SMALL_SEGMENT = HEADER_BYTES + block_bytes(PER_SEGMENT)  # ten records, if in one block
 
 
 def record(number: int, size: int = RECORD_BYTES) -> bytes:
@@ -95,6 +105,7 @@ def test_records_come_back_in_order_across_segments(spool: Spool, folder: Path) 
     taken = [spool.append(records(start, stop))
              for start, stop in [(0, 1), (1, 8), (8, 38), (38, 95)]]
     assert taken == [1, 7, 30, 57]
+    # one block per call and segment: 1 + 7 + 1, 10, 10, 9, then 57 as 10 * 5 + 7
     stats = spool.stats()
     assert (stats.records, stats.segments, stats.appended) == (95, 10, 95)
     assert len(segment_files(folder)) == 10
@@ -123,8 +134,8 @@ def test_a_record_larger_than_a_segment_gets_one_of_its_own(spool: Spool, folder
     big = os.urandom(10 * KiB)
     assert spool.append([b"a", big, b"b"]) == 3
     assert [path.stat().st_size for path in segment_files(folder)] == [
-        HEADER_BYTES + FRAME_BYTES + 1, HEADER_BYTES + FRAME_BYTES + len(big),
-        HEADER_BYTES + FRAME_BYTES + 1]
+        HEADER_BYTES + block_bytes(1, 1), HEADER_BYTES + block_bytes(1, len(big)),
+        HEADER_BYTES + block_bytes(1, 1)]
     assert spool.read(10, 10).records == [b"a", big]
     assert drain(spool) == [b"b"]
 
@@ -188,12 +199,12 @@ def test_fully_committed_segments_are_deleted_but_not_the_one_being_written(
     assert drain(spool) == records(15, 25)
     assert [path.name for path in segment_files(folder)] == names[2:]
 
-    spool.append(records(25, 30))  # fills the segment being written, which stays
-    assert drain(spool) == records(25, 30)
+    spool.append(records(25, 29))  # fills the segment being written (a second block), which
+    assert drain(spool) == records(25, 29)  # stays
     assert [path.name for path in segment_files(folder)] == names[2:]
-    spool.append([record(30)])  # rolls over: the committed segment goes
-    assert [path.name for path in segment_files(folder)] == ["000000000000001e.seg"]
-    assert drain(spool) == [record(30)]
+    spool.append([record(29)])  # rolls over: the committed segment goes
+    assert [path.name for path in segment_files(folder)] == ["000000000000001d.seg"]
+    assert drain(spool) == [record(29)]
 
 
 def test_stats_name_the_oldest_held_record_and_what_is_unread(spool: Spool) -> None:
@@ -280,12 +291,20 @@ def test_a_killed_process_loses_nothing_append_returned_and_sends_uncommitted_ag
 # --- damage --------------------------------------------------------------------------------
 
 
-def write_closed(folder: Path, items: list[bytes]) -> Path:
-    """Append `items` to a new spool in `folder` and close it; the newest segment's path."""
+def write_closed(folder: Path, *calls: list[bytes]) -> Path:
+    """Append each of `calls` (a block each) to a new spool in `folder` and close it; the
+    newest segment's path."""
     spool = Spool(str(folder))
-    assert spool.append(items) == len(items)
+    for items in calls:
+        assert spool.append(items) == len(items)
     spool.close()
     return segment_files(folder)[-1]
+
+
+def header(count: int, body: int, body_crc: int, written_ns: int = 1) -> bytes:
+    """A block header whose own CRC checks out."""
+    fields = BLOCK.pack(SYNC, 0, count, body, written_ns, body_crc)[8:]
+    return SYNC + zlib.crc32(fields).to_bytes(4, "little") + fields
 
 
 def damage(path: Path, at: int, data: bytes) -> None:
@@ -295,12 +314,12 @@ def damage(path: Path, at: int, data: bytes) -> None:
 
 
 def test_a_torn_tail_is_cut_off_and_counted(folder: Path) -> None:
-    segment = write_closed(folder, records(0, 10))
-    os.truncate(segment, segment.stat().st_size - 30)
+    segment = write_closed(folder, records(0, 9), records(9, 12))
+    os.truncate(segment, segment.stat().st_size - 30)  # the second block is torn: all of it
 
     spool = Spool(str(folder))
-    assert spool.stats().truncated_bytes == FRAME - 30
-    assert segment.stat().st_size == HEADER_BYTES + 9 * FRAME
+    assert spool.stats().truncated_bytes == block_bytes(3) - 30
+    assert segment.stat().st_size == HEADER_BYTES + block_bytes(9)
     assert drain(spool) == records(0, 9)
     spool.append([record(10)])  # the segment goes on from its last good frame
     spool.close()
@@ -315,16 +334,16 @@ def test_a_segment_created_but_never_written_is_removed(folder: Path) -> None:
     empty = folder / f"{3:016x}.seg"  # killed between creating it and writing its header
     os.close(os.open(empty, os.O_WRONLY | os.O_CREAT, 0o600))
     spool = Spool(str(folder))
-    assert empty.read_bytes()[:8] == b"MFSPOOL\x01"  # made again, with its header, and used
+    assert empty.read_bytes()[:8] == b"MFSPOOL\x02"  # made again, with its header, and used
     assert spool.append([record(3)]) == 1
     assert drain(spool) == records(0, 4)
     spool.close()
 
 
 @pytest.mark.parametrize("garbage", [
-    b"\0 not a frame at all " * 2,
-    spool_module.SYNC + (5000).to_bytes(4, "little") + b"a frame header, its bytes missing",
-    spool_module.SYNC + (3).to_bytes(4, "little") + b"\0" * 12 + b"abc",  # bad CRC
+    b"\0 not a block at all " * 2,
+    header(3, 5000, 0) + b"a block header, its body missing",
+    header(1, 7, 0) + (3).to_bytes(4, "little") + b"abc",  # whole, but the body's CRC is bad
 ], ids=["zeros", "header-only", "bad-crc"])
 def test_garbage_after_the_last_frame_is_cut_off_and_counted(folder: Path, garbage: bytes
                                                              ) -> None:
@@ -338,30 +357,35 @@ def test_garbage_after_the_last_frame_is_cut_off_and_counted(folder: Path, garba
     spool.close()
 
 
-@pytest.mark.parametrize(("where", "data", "lost"), [
-    (HEADER_BYTES + 4 * FRAME + FRAME_BYTES + 50, b"\xff", [4]),  # a payload byte
-    (HEADER_BYTES + 4 * FRAME + 4, b"\xf0\xff\xff\xff", [4]),  # a length: past the file
-    # a length too short: followed inside the stretch, it is counted as two (errs high)
-    (HEADER_BYTES + 4 * FRAME + 4, (7).to_bytes(4, "little"), [4, None]),
-    (HEADER_BYTES + 4 * FRAME, b"\0\0", [4]),  # the sync marker
-    (HEADER_BYTES + 5 * FRAME - 32, b"\xa5" * 64, [4, 5]),  # across two frames
-], ids=["payload", "length-too-long", "length-too-short", "marker", "two-frames"])
-def test_a_damaged_frame_in_the_middle_is_skipped_and_counted(
+SECOND = HEADER_BYTES + block_bytes(3)  # where the second of blocks of 3, 3, 2, 2 records starts
+THIRD = SECOND + block_bytes(3)
+
+
+@pytest.mark.parametrize(("where", "data", "lost", "counted"), [
+    (SECOND + BLOCK_BYTES + 3 * ENTRY_BYTES + RECORD_BYTES + 50, b"\xff", [3, 4, 5], 3),
+    (SECOND + BLOCK_BYTES + ENTRY_BYTES, (7).to_bytes(4, "little"), [3, 4, 5], 3),
+    (SECOND, b"\0\0", [3, 4, 5], 3),  # the header still counts its records
+    (SECOND + 16, b"\xff", [3, 4, 5], 3),  # a bad header CRC, its count still plausible
+    (SECOND + 8, b"\xf0\xff\xff\xff", [3, 4, 5], 1),  # the count itself: one, at least
+    (THIRD - 32, b"\xa5" * 36, [3, 4, 5, 6, 7], 5),  # a payload, the next block's marker
+], ids=["payload", "table", "marker", "header", "count", "two-blocks"])
+def test_a_damaged_block_in_the_middle_is_skipped_and_counted(
         folder: Path, caplog: pytest.LogCaptureFixture, where: int, data: bytes,
-        lost: list[int]) -> None:
-    segment = write_closed(folder, records(0, 10))
+        lost: list[int], counted: int) -> None:
+    segment = write_closed(folder, records(0, 3), records(3, 6), records(6, 8), records(8, 10))
     damage(segment, where, data)
     with caplog.at_level(logging.WARNING, logger="moesif_fast.shipper"):
         spool = Spool(str(folder))
-    assert spool.stats().dropped_corrupt == len(lost)
-    assert spool.stats().records == spool.unread() == 10 - len(set(lost) - {None})
+    assert spool.stats().dropped_corrupt == counted
+    assert spool.stats().records == spool.unread() == 10 - len(lost)
     assert drain(spool) == [record(n) for n in range(10) if n not in lost]
     assert "damaged" in caplog.text and segment.name in caplog.text
     spool.close()
 
 
 @pytest.mark.usefixtures("small_segments")
-@pytest.mark.parametrize("header", [b"NOSPOOL\x01", b"MFSPOOL\x02"], ids=["magic", "version"])
+@pytest.mark.parametrize("header", [b"NOSPOOL\x02", b"MFSPOOL\x01"],
+                         ids=["magic", "previous-version"])
 def test_a_segment_with_a_bad_header_is_skipped_counted_and_deleted(
         folder: Path, caplog: pytest.LogCaptureFixture, header: bytes) -> None:
     write_closed(folder, records(0, 25))
@@ -376,15 +400,34 @@ def test_a_segment_with_a_bad_header_is_skipped_counted_and_deleted(
     spool.close()
 
 
+def test_a_segment_of_the_previous_format_is_refused_and_its_records_counted(
+        folder: Path) -> None:
+    old_frame = SYNC + (3).to_bytes(4, "little") + bytes(12) + b"abc"  # a version 1 record
+    path = folder / f"{0:016x}.seg"
+    path.write_bytes(b"MFSPOOL\x01" + bytes(8) + old_frame * 4)
+    path.chmod(0o600)
+    spool = Spool(str(folder))
+    assert spool.stats().dropped_corrupt == 4
+    assert spool.append([b"new"]) == 1
+    assert drain(spool) == [b"new"]
+    spool.close()
+
+
+SECOND_CALL = HEADER_BYTES + block_bytes(7)
+
+
 @pytest.mark.parametrize(("damaged", "got", "lost"), [
-    (lambda path: os.truncate(path, HEADER_BYTES + 8 * FRAME + 10), 7, 3),  # 7 is intact
-    (lambda path: damage(path, HEADER_BYTES + 7 * FRAME, b"\0\0"), 7, 3),  # a sync marker
+    (lambda path: os.truncate(path, SECOND_CALL + BLOCK_BYTES + 3 * ENTRY_BYTES
+                              + RECORD_BYTES + 10), 7, 3),  # record 7 is intact
+    (lambda path: damage(path, SECOND_CALL, b"\0\0"), 7, 3),  # the block's marker
 ], ids=["truncated", "marker"])
 def test_a_segment_changed_while_open_is_given_up_from_there(
         spool: Spool, folder: Path, damaged: Any, got: int, lost: int) -> None:
-    """read checks the first and last frame it takes against the index the spool keeps; the
-    CRCs were checked when the frames were written or scanned at open."""
-    spool.append(records(0, 10))
+    """read checks that it got every byte it asked for and every block header in them against
+    the index the spool keeps; the CRCs of the bodies were checked when the blocks were written
+    or scanned at open."""
+    spool.append(records(0, 7))
+    spool.append(records(7, 10))
     spool.commit(first := spool.read(7, 1 << 20))
     damaged(segment_files(folder)[0])
     spool.commit(second := spool.read(7, 1 << 20))
@@ -463,7 +506,8 @@ def test_max_records_drops_the_oldest_segment(folder: Path) -> None:
 
 def test_when_only_the_segment_being_written_is_left_the_newest_records_are_dropped(
         folder: Path) -> None:
-    spool = Spool(str(folder), max_records=25, max_bytes=22 * FRAME + HEADER_BYTES)
+    spool = Spool(str(folder), max_records=25,
+                  max_bytes=HEADER_BYTES + block_bytes(20) + block_bytes(2))
     assert spool.append(records(0, 20)) == 20
     assert spool.append(records(20, 30)) == 10  # taken: 2 written, 8 dropped
     stats = spool.stats()
