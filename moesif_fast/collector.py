@@ -21,7 +21,11 @@ Ingestion (`POST /v1/...`):
 Control API (no application id), for tests of a client against a misbehaving collector:
 - `POST /_collector/faults` `{"status": 503, "every": 3, "retry_after": 1, "delay_s": 0.5}`:
   sleep `delay_s` before answering each authorized ingestion request, and answer `status` (with
-  `Retry-After` when given) to every `every`-th one, storing nothing for it. `{}` clears.
+  `Retry-After` when given) to every `every`-th one, storing nothing for it. `"tags"` changes the
+  tag headers (TAG_MODES): `"batches_only"` answers `GET /v1/rules` without
+  `X-Moesif-Rules-Tag` (batch responses still carry it); `"new_per_batch"` does that too, and
+  every batch response carries a config ETag and a rules tag never sent before, the worst case
+  for a client that refreshes on a new tag. `{}` clears.
 - `PUT /_collector/config`, `PUT /_collector/rules`: the JSON body becomes what `GET /v1/config`
   (an object) or `GET /v1/rules` (an array) serves, under a new tag.
 - `GET /_collector/stats`: `read_stats`. `GET /_collector/events[?since_id=N]`: the stored event
@@ -416,12 +420,17 @@ class Faults:
     every: int = 1
     retry_after: int | None = None
     delay_s: float = 0.0
+    tags: str | None = None
+    """None (tags as usual) or one of TAG_MODES."""
+
+
+TAG_MODES = frozenset({"batches_only", "new_per_batch"})
 
 
 def parse_faults(spec: object) -> Faults:
     if not isinstance(spec, dict):
         raise BadShape("faults must be a JSON object")
-    unknown = spec.keys() - {"status", "every", "retry_after", "delay_s"}
+    unknown = spec.keys() - {"status", "every", "retry_after", "delay_s", "tags"}
     if unknown:
         raise BadShape(f"unknown fault keys: {sorted(unknown)}")
     status = spec.get("status")
@@ -440,7 +449,10 @@ def parse_faults(spec: object) -> Faults:
         raise BadShape("delay_s must be a number")
     if not (math.isfinite(delay_s) and delay_s >= 0):
         raise BadShape("delay_s must be a finite number >= 0")
-    return Faults(status, every, retry_after, float(delay_s))
+    tags = spec.get("tags")
+    if tags is not None and tags not in TAG_MODES:
+        raise BadShape(f"tags must be one of {sorted(TAG_MODES)}")
+    return Faults(status, every, retry_after, float(delay_s), tags)
 
 
 def new_tag() -> str:
@@ -463,12 +475,16 @@ class Controls:
         with self._lock:
             return self._config, self._config_etag
 
-    def rules(self) -> tuple[list[Any], str]:
+    def rules(self) -> tuple[list[Any], str | None]:
+        """The rules and their tag; None when the faults say to send none."""
         with self._lock:
-            return self._rules, self._rules_tag
+            return self._rules, None if self._faults.tags else self._rules_tag
 
     def tags(self) -> dict[str, str]:
+        """The tag headers of a batch response."""
         with self._lock:
+            if self._faults.tags == "new_per_batch":
+                return {CONFIG_ETAG_HEADER: new_tag(), RULES_TAG_HEADER: new_tag()}
             return {CONFIG_ETAG_HEADER: self._config_etag, RULES_TAG_HEADER: self._rules_tag}
 
     def set_config(self, config: dict[str, Any]) -> None:
@@ -883,7 +899,7 @@ class CollectorRequestHandler(BaseHTTPRequestHandler):
             return json_reply(200, config, {CONFIG_ETAG_HEADER: etag})
         if path == "/v1/rules":
             rules, tag = self.server.controls.rules()
-            return json_reply(200, rules, {RULES_TAG_HEADER: tag})
+            return json_reply(200, rules, {RULES_TAG_HEADER: tag} if tag else {})
         return json_reply(200, {"status": True})  # /health/probe
 
     def ingest(self, path: str, route: IngestionRoute, body: bytes) -> Reply:

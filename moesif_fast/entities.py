@@ -69,7 +69,7 @@ from typing import Any, NamedTuple
 from . import __version__, ringfile, settings
 from .record import EntityUpdate, encode_entity
 from .settings import MoesifOptions
-from .shipper.transport import CollectorTransport, Outcome
+from .shipper.transport import CollectorTransport, Outcome, Stop
 from .sink import EventSink
 
 logger = logging.getLogger("moesif_fast")
@@ -252,7 +252,7 @@ def _send(path: str, profiles: list[dict[str, Any]], timeout: float) -> Outcome:
         requests = [EntityRequest(path, _to_json(profiles[0]), 1)]
     transport = _process_transport(options)
     give_up_at = time.monotonic() + timeout
-    never_stop = threading.Event()
+    never_stop = Stop()
     for request in requests:
         outcome = transport.post(request.path, request.body, compress=False,
                                  give_up_at=give_up_at, stop=never_stop)

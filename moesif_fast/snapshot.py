@@ -1,10 +1,12 @@
 """The config/rules snapshot: the shipper publishes it, workers read it without the network.
 
 The shipper writes `/v1/config` and `/v1/rules` (with their tags and fetch time) as one JSON
-file next to the ring, in the private state folder, replaced atomically (`private.replace_file`).
-A worker's `PolicySource` looks at the file's identity (inode, size, mtime) at most once per
-CHECK_INTERVAL and, only when it changed, parses it and compiles a `Policy` (precompiled
-regexes, dict lookups). Until a snapshot exists, workers use `Policy.DEFAULT`: sample
+file next to the ring, in the private state folder, replaced atomically (`private.replace_file`),
+and only when what it fetched differs from what the file holds (`Snapshot.same_content`): the
+fetch time is when this content was first fetched. A worker's `PolicySource` looks at the file's
+identity (inode, size, mtime) at most once per CHECK_INTERVAL and, only when it changed, reads
+it and compiles a `Policy` (precompiled regexes, dict lookups). So a worker re-reads the file
+only after its content changed. Until a snapshot exists, workers use `Policy.DEFAULT`: sample
 everything, block nothing (W1). The file is untrusted input: one that is not a private regular
 file of this user, larger than MAX_SNAPSHOT_BYTES, not JSON or not of this shape is ignored
 with a warning, and workers use the defaults until a good one replaces it.
@@ -38,7 +40,15 @@ class Snapshot:
     rules: Any
     config_etag: str | None
     rules_tag: str | None
-    fetched_ns: int
+    fetched_ns: int  # time.time_ns() when the shipper first fetched this content
+
+    def same_content(self, other: Snapshot) -> bool:
+        """Whether both hold the same config, rules and tags, as JSON (fetch times aside)."""
+        return _content(self) == _content(other)
+
+
+def _content(snapshot: Snapshot) -> str:
+    return json.dumps([snapshot.config, snapshot.rules, snapshot.config_etag, snapshot.rules_tag])
 
 
 def publish(path: str, snapshot: Snapshot) -> None:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,7 +35,7 @@ from moesif_fast.collector import LocalCollector  # noqa: E402
 from moesif_fast.record import EntityUpdate, decode  # noqa: E402
 from moesif_fast.ringbuffer import Geometry, Reader, RingFile  # noqa: E402
 from moesif_fast.ringfile import RING_ENV  # noqa: E402
-from moesif_fast.shipper.transport import CollectorTransport, Outcome  # noqa: E402
+from moesif_fast.shipper.transport import CollectorTransport, Outcome, Stop  # noqa: E402
 
 APPLICATION_ID = "entities-test-app"
 
@@ -190,7 +189,7 @@ def post_all(base_uri: str, requests_: list[entities.EntityRequest],
     try:
         return [transport.post(request.path, request.body, compress=False,
                                give_up_at=time.monotonic() + give_up_after,
-                               stop=threading.Event())
+                               stop=Stop())
                 for request in requests_]
     finally:
         transport.close()

@@ -41,7 +41,7 @@ from moesif_fast import outgoing, settings  # noqa: E402
 from moesif_fast.event import EventBuilder  # noqa: E402
 from moesif_fast.ringbuffer import Reader  # noqa: E402
 from moesif_fast.settings import MoesifOptions  # noqa: E402
-from moesif_fast.shipper.transport import CollectorTransport  # noqa: E402
+from moesif_fast.shipper.transport import CollectorTransport, Stop  # noqa: E402
 
 BASE_OPTIONS = {"APPLICATION_ID": "app-id", "BASE_URI": "http://127.0.0.1:9",
                 "CAPTURE_OUTGOING_REQUESTS": True}
@@ -424,7 +424,7 @@ def test_calls_to_the_collector_are_not_captured(ring: Reader, service: str) -> 
 def test_the_shippers_transport_is_not_captured(ring: Reader, service: str) -> None:
     enable()  # BASE_URI elsewhere: the transport's calls stay out as they bypass requests
     transport = CollectorTransport(service, "app-id", user_agent="test")
-    outcome, body = transport.get_json("/items", give_up_at=None, stop=threading.Event())
+    outcome, body = transport.get_json("/items", give_up_at=None, stop=Stop())
     transport.close()
     assert outcome.delivered and body == ITEMS
     assert captured(ring) == []

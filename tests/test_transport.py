@@ -23,7 +23,8 @@ from pathlib import Path
 import certifi
 import pytest
 
-from moesif_fast.shipper.transport import CollectorTransport, Outcome
+from moesif_fast.shipper import transport as transport_module
+from moesif_fast.shipper.transport import CollectorTransport, Outcome, Stop
 
 APPLICATION_ID = "app-id-for-tests"
 USER_AGENT = "moesif-fast-tests/1.0"
@@ -191,10 +192,10 @@ def post_batch(
     payload: bytes = b'[{"request": {}}]',
     *,
     give_up_at: float | None = None,
-    stop: threading.Event | None = None,
+    stop: Stop | None = None,
 ) -> Outcome:
     return transport.post(
-        BATCH_PATH, payload, compress=True, give_up_at=give_up_at, stop=stop or threading.Event()
+        BATCH_PATH, payload, compress=True, give_up_at=give_up_at, stop=stop or Stop()
     )
 
 
@@ -204,7 +205,15 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_delivers_gzipped_payload_with_collector_headers(collector, make_transport):
+@pytest.mark.parametrize("compressor", ["gzip_isal", "gzip_zlib"])
+def test_delivers_gzipped_payload_with_collector_headers(collector, make_transport, monkeypatch,
+                                                         compressor):
+    """ISA-L when installed (the default then), zlib otherwise: the collector reads either
+    with plain `gzip.decompress`."""
+    if compressor == "gzip_isal":
+        pytest.importorskip("isal")
+        assert transport_module.gzip_compress is transport_module.gzip_isal
+    monkeypatch.setattr(transport_module, "gzip_compress", getattr(transport_module, compressor))
     collector.answer(Reply(201))
     payload = json.dumps([{"request": {"verb": "GET"}, "response": {"status": 200}}]).encode()
 
@@ -223,7 +232,7 @@ def test_uncompressed_payload_is_sent_as_is(collector, make_transport):
     transport = make_transport(collector.base_uri)
 
     outcome = transport.post(
-        "/v1/users", b'{"user_id": "u1"}', compress=False, give_up_at=None, stop=threading.Event()
+        "/v1/users", b'{"user_id": "u1"}', compress=False, give_up_at=None, stop=Stop()
     )
 
     assert outcome.delivered
@@ -379,7 +388,7 @@ def test_truncated_json_body_is_fetched_again(collector, make_transport):
                      Reply(200, body=b'{"sample_rate": 50}'))
     transport = make_transport(collector.base_uri)
 
-    outcome, body = transport.get_json("/v1/config", give_up_at=None, stop=threading.Event())
+    outcome, body = transport.get_json("/v1/config", give_up_at=None, stop=Stop())
 
     assert (outcome.delivered, outcome.attempts, body) == (True, 2, {"sample_rate": 50})
 
@@ -400,7 +409,7 @@ def test_gives_up_at_once_when_the_next_wait_would_pass_the_deadline(collector, 
 def test_stop_interrupts_a_long_backoff(collector, make_transport):
     collector.answer(Reply(503, {"Retry-After": "60"}))
     transport = make_transport(collector.base_uri, max_backoff=60.0)
-    stop = threading.Event()
+    stop = Stop()
     outcomes: list[Outcome] = []
     sender = threading.Thread(target=lambda: outcomes.append(post_batch(transport, stop=stop)))
     sender.start()
@@ -418,7 +427,7 @@ def test_stop_interrupts_a_long_backoff(collector, make_transport):
 
 def test_nothing_is_sent_once_stopped_or_past_the_deadline(collector, make_transport):
     transport = make_transport(collector.base_uri)
-    stop = threading.Event()
+    stop = Stop()
     stop.set()
 
     stopped = post_batch(transport, stop=stop)
@@ -442,7 +451,7 @@ def test_nothing_is_sent_once_stopped_or_past_the_deadline(collector, make_trans
 def test_joins_base_uri_and_path(collector, make_transport, base_suffix, path, expected_path):
     transport = make_transport(collector.base_uri + base_suffix)
 
-    transport.post(path, b"[]", compress=True, give_up_at=None, stop=threading.Event())
+    transport.post(path, b"[]", compress=True, give_up_at=None, stop=Stop())
 
     assert [request.path for request in collector.received] == [expected_path]
 
@@ -491,7 +500,7 @@ def test_one_connection_serves_successive_requests(collector, make_transport):
 
     post_batch(transport)
     post_batch(transport)  # 503 then 201: the error's body is read, the connection kept
-    transport.get_json("/v1/config", give_up_at=None, stop=threading.Event())
+    transport.get_json("/v1/config", give_up_at=None, stop=Stop())
 
     assert len(collector.received) == 4
     assert len({request.client_port for request in collector.received}) == 1
@@ -501,7 +510,7 @@ def test_get_json_returns_the_parsed_body(collector, make_transport):
     collector.answer(Reply(200, {"X-Moesif-Config-ETag": "etag-1"}, b'{"sample_rate": 50}'))
     transport = make_transport(collector.base_uri)
 
-    outcome, body = transport.get_json("/v1/config", give_up_at=None, stop=threading.Event())
+    outcome, body = transport.get_json("/v1/config", give_up_at=None, stop=Stop())
 
     assert (outcome.delivered, outcome.config_etag, body) == (True, "etag-1", {"sample_rate": 50})
     [request] = collector.received
@@ -514,7 +523,7 @@ def test_get_json_has_no_body_without_a_json_2xx(collector, make_transport, repl
     collector.answer(reply)
     transport = make_transport(collector.base_uri)
 
-    outcome, body = transport.get_json("/v1/rules", give_up_at=None, stop=threading.Event())
+    outcome, body = transport.get_json("/v1/rules", give_up_at=None, stop=Stop())
 
     assert body is None
     assert outcome.delivered == (reply.status == 200)

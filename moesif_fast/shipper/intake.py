@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from ..ringbuffer import Batch, Reader
 from ..spool import Spool
+from .transport import Stop
 
 logger = logging.getLogger("moesif_fast.shipper")
 
@@ -52,7 +53,7 @@ class Handoff:
     """A ring batch handed to the loop, and the event that tells its senders to stop."""
 
     batch: Batch
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: Stop = field(default_factory=Stop)
     spooled: bool = False  # written to the spool and committed by the ring stage
 
 
@@ -177,12 +178,17 @@ class RingIntake:
             self._handed.put(handoff)
 
     def _take_over(self) -> None:
-        """Spool and commit the batches the loop has not settled (see the module docstring)."""
+        """Spool and commit the batches the loop has not settled (see the module docstring),
+        but those with a POST on the wire, which may still arrive: spooled, they would be
+        delivered twice."""
         for batch, handoff in list(self._unsettled.items()):
-            if not self._spool_batch(batch):
-                return  # the rest stay with the loop
-            handoff.spooled = True
-            handoff.cancel.set()
+            with handoff.cancel.sending_lock:  # no attempt of this batch starts meanwhile
+                if handoff.cancel.on_wire:
+                    continue
+                if not self._spool_batch(batch):
+                    return  # the rest stay with the loop
+                handoff.spooled = True
+                handoff.cancel.set()
             del self._unsettled[batch]
 
     def _spool_batch(self, batch: Batch) -> bool:
