@@ -1,6 +1,7 @@
-"""Poison records: a ring record that crashed or hung the shipper while it decoded the record or
-built its event is skipped (and counted) by the next shipper, and every other record is still
-delivered.
+"""Poison records: a ring record that crashed or hung two shippers in a row while they decoded
+the record or built its event is skipped (and counted) by the next shipper, and every other
+record is still delivered. One death only makes it a suspect, read again: a shipper killed from
+outside dies on whatever record it is decoding.
 
 The reader's side runs against real ring files; the rest runs real processes (`python -m
 moesif_fast ship`, the supervisor, the local collector) with a settings module whose
@@ -31,6 +32,8 @@ from moesif_fast.ringbuffer.layout import (
     WORD_DECODING_POSITION,
     WORD_POISON_COUNT,
     WORD_READER_HEARTBEAT,
+    WORD_SUSPECT_LANE,
+    WORD_SUSPECT_POSITION,
     record_span,
 )
 from moesif_fast.ringfile import shipper_stats_path, spool_folder
@@ -109,6 +112,13 @@ def die_while_decoding(ring: RingFile, record: bytes) -> tuple[int, int]:
     return lane, position
 
 
+def die_twice_while_decoding(ring: RingFile, record: bytes) -> tuple[int, int]:
+    """Two shippers in a row die on `record`: the first makes it the suspect, the second
+    (which reads it again) makes the next reader take it for poison."""
+    die_while_decoding(ring, record)
+    return die_while_decoding(ring, record)
+
+
 # --- the reader ------------------------------------------------------------------------------
 
 
@@ -123,15 +133,31 @@ def test_a_batch_knows_the_lane_and_position_of_each_record(tmp_path: Path) -> N
         assert position == number * 32  # a 3-byte record takes 32 bytes of its lane
 
 
-def test_a_record_a_dead_shipper_was_decoding_is_skipped_and_released(tmp_path: Path) -> None:
+def test_a_record_one_dead_shipper_was_decoding_is_read_again(tmp_path: Path) -> None:
+    """A shipper killed from outside dies wherever it is: one death names a suspect only."""
     ring = make_ring(tmp_path)
     fill(ring)
     lane, position = die_while_decoding(ring, b"1-2")
+    reader = Reader(ring)
+    assert (ring.words[WORD_SUSPECT_LANE], ring.words[WORD_SUSPECT_POSITION]) == (
+        lane + 1, position)
+    assert ring.words[WORD_DECODING_LANE] == 0 and ring.words[WORD_POISON_COUNT] == 0
+    batch = reader.read(1_000, 1 << 20)
+    assert set(batch.records) == all_records() and batch.skipped == []
+    reader.close()
+
+
+def test_a_record_two_dead_shippers_were_decoding_is_skipped_and_released(tmp_path: Path
+                                                                          ) -> None:
+    ring = make_ring(tmp_path)
+    fill(ring)
+    lane, position = die_twice_while_decoding(ring, b"1-2")
     assert (ring.words[WORD_DECODING_LANE], ring.words[WORD_DECODING_POSITION]) == (
         lane + 1, position)
 
     reader = Reader(ring)
     assert ring.words[WORD_DECODING_LANE] == 0  # the mark moved into the poison table
+    assert ring.words[WORD_SUSPECT_LANE] == 0
     assert ring.words[WORD_POISON_COUNT] == 1
     batch = reader.read(1_000, 1 << 20)
     assert set(batch.records) == all_records() - {b"1-2"}
@@ -150,16 +176,17 @@ def test_poison_records_that_crash_shippers_in_turn_are_all_skipped(tmp_path: Pa
     the second, the next one must still skip the first (no endless turns)."""
     ring = make_ring(tmp_path)
     fill(ring)
-    die_while_decoding(ring, b"0-1")
-    reader = Reader(ring)
-    batch = reader.read(1_000, 1 << 20)
-    assert b"0-1" not in batch.records
-    for payload, lane, position in zip(batch.records, batch.lanes, batch.positions,
-                                       strict=True):
-        reader.mark(lane, position)
-        if payload == b"2-3":
-            break
-    reader.close()  # dies on "2-3" without committing the batch that skipped "0-1"
+    die_twice_while_decoding(ring, b"0-1")
+    for _ in range(2):  # dies on "2-3" without committing the batch that skipped "0-1"
+        reader = Reader(ring)
+        batch = reader.read(1_000, 1 << 20)
+        assert b"0-1" not in batch.records
+        for payload, lane, position in zip(batch.records, batch.lanes, batch.positions,
+                                           strict=True):
+            reader.mark(lane, position)
+            if payload == b"2-3":
+                break
+        reader.close()
 
     reader = Reader(ring)
     batch = reader.read(1_000, 1 << 20)
@@ -176,7 +203,7 @@ def test_a_batch_of_only_a_poison_record_is_committed(tmp_path: Path) -> None:
     producer = Producer(ring, preferred_lane=0)
     assert producer.append(b"only")
     producer.close()
-    die_while_decoding(ring, b"only")
+    die_twice_while_decoding(ring, b"only")
     reader = Reader(ring)
     batch = reader.read(1_000, 1 << 20)
     assert batch.records == [] and batch.skipped == [(0, 0, 4)]
@@ -220,7 +247,7 @@ def test_a_mark_killed_half_way_or_of_a_released_record_names_nothing(tmp_path: 
 
     fill(ring)  # new records, at new positions
     reader = Reader(ring)
-    assert ring.words[WORD_POISON_COUNT] == 1
+    assert ring.words[WORD_SUSPECT_LANE] == lane + 1  # a suspect, of a record that is gone
     batch = reader.read(1_000, 1 << 20)
     assert set(batch.records) == all_records() and batch.skipped == []
     reader.close()
@@ -233,8 +260,8 @@ def test_the_poison_table_keeps_the_latest_records(tmp_path: Path) -> None:
     for record in records:
         assert producer.append(record)
     producer.close()
-    for record in records:  # each in turn kills a shipper before anything is committed
-        die_while_decoding(ring, record)
+    for record in records:  # each in turn kills two shippers before anything is committed
+        die_twice_while_decoding(ring, record)
         reader = Reader(ring)  # moves the mark into the table, then dies at once too
         reader.close()
     reader = Reader(ring)
@@ -257,7 +284,7 @@ def call_record(lane: int, number: int, kind: str = "items") -> bytes:
         header_columns([("HTTP_HOST", "api.example.com"), ("HTTP_X_LANE", str(lane))]),
         "203.0.113.9", None, 200, (("Content-Type", "application/json"),),
         json.dumps({"lane": lane, "number": number}).encode(), f"tx-{lane}-{number}",
-        f"user-{lane}", None, None, {"number": number, "tags": ["a"]}, 1, None))
+        f"user-{lane}", None, None, {"number": number, "tags": ["a"]}, 1, None, 0))
 
 
 @pytest.fixture
@@ -320,18 +347,30 @@ def shipper_counters(ring: RingFile) -> dict[str, Any]:
         return {}
 
 
+def ship_until_delivered(deployment: dict[str, Any], delivered: int) -> dict[str, Any]:
+    """Run a shipper until its counters show `delivered` events, then stop it (SIGTERM: a
+    shipper with --idle-exit would remove its counters with the ring); its last counters."""
+    shipper = ship(deployment)
+    try:
+        wait_until(lambda: (counters := shipper_counters(deployment["ring"])).get("pid")
+                   == shipper.pid and counters["delivered"] >= delivered, 180,
+                   f"{delivered} events delivered")
+    finally:
+        shipper.send_signal(signal.SIGTERM)
+    assert shipper.wait(timeout=60) == 0, (deployment["workspace"] / "shipper.log").read_text()
+    return shipper_counters(deployment["ring"])
+
+
 def test_a_shipper_skips_the_record_the_ring_header_marks(deployment: dict[str, Any]) -> None:
-    """As a previous shipper leaves it when it dies on a record: the mark set in the header.
-    The marked record would hang the shipper if it were built."""
+    """As the two previous shippers leave it when both die on a record: the record the header
+    suspects, marked again. The marked record would hang the shipper if it were built."""
     ring, collector = deployment["ring"], deployment["collector"]
     expected = fill_calls(ring, (1, 2), "hang")
-    lane, position = die_while_decoding(ring, call_record(1, 2, "hang"))
+    lane, position = die_twice_while_decoding(ring, call_record(1, 2, "hang"))
     assert (ring.words[WORD_DECODING_LANE], ring.words[WORD_DECODING_POSITION]) == (2, position)
 
-    shipper = ship(deployment, "--idle-exit", "1")
-    assert shipper.wait(timeout=180) == 0, (deployment["workspace"] / "shipper.log").read_text()
+    counters = ship_until_delivered(deployment, len(expected))
     assert_delivered_field_by_field(collector, expected)
-    counters = shipper_counters(ring)
     assert (counters["poison"], counters["delivered"], counters["undecodable"]) == (
         1, len(expected), 0)
     log = (deployment["workspace"] / "shipper.log").read_text()
@@ -339,21 +378,22 @@ def test_a_shipper_skips_the_record_the_ring_header_marks(deployment: dict[str, 
     assert ring.stats().records_in_use == 0 and ring.words[WORD_DECODING_LANE] == 0
 
 
-def test_a_record_that_crashes_the_shipper_is_skipped_by_the_next(
+def test_a_record_that_crashes_two_shippers_is_skipped_by_the_next(
         deployment: dict[str, Any]) -> None:
     ring, collector = deployment["ring"], deployment["collector"]
     expected = fill_calls(ring, (2, 1), "crash")
 
-    first = ship(deployment)
-    assert first.wait(timeout=180) == -signal.SIGSEGV
     crash_at = (2, record_span(len(call_record(2, 0))))  # the second record of lane 2
-    assert (ring.words[WORD_DECODING_LANE] - 1, ring.words[WORD_DECODING_POSITION]) == crash_at
-    assert ring.words[WORD_POISON_COUNT] == 0
+    for _ in range(2):  # the first death makes it a suspect only: it is read again
+        crashed = ship(deployment)
+        assert crashed.wait(timeout=180) == -signal.SIGSEGV
+        assert (ring.words[WORD_DECODING_LANE] - 1,
+                ring.words[WORD_DECODING_POSITION]) == crash_at
+        assert ring.words[WORD_POISON_COUNT] == 0
+    assert (ring.words[WORD_SUSPECT_LANE] - 1, ring.words[WORD_SUSPECT_POSITION]) == crash_at
 
-    second = ship(deployment, "--idle-exit", "1")
-    assert second.wait(timeout=180) == 0, (deployment["workspace"] / "shipper.log").read_text()
+    assert ship_until_delivered(deployment, len(expected))["poison"] == 1
     assert_delivered_field_by_field(collector, expected)
-    assert shipper_counters(ring)["poison"] == 1
     log = (deployment["workspace"] / "shipper.log").read_text()
     assert "skipped the ring record at lane {}, position {}".format(*crash_at) in log
     assert ring.stats().records_in_use == 0
@@ -371,7 +411,7 @@ sys.exit(supervise(command, ParentWatch(int(parent)), deadline=5.0, stall_timeou
 """
 
 
-def test_the_supervisor_kills_a_hung_shipper_and_the_next_skips_the_record(
+def test_the_supervisor_kills_hung_shippers_and_the_third_skips_the_record(
         deployment: dict[str, Any]) -> None:
     ring, collector, workspace = (deployment["ring"], deployment["collector"],
                                   deployment["workspace"])
@@ -413,7 +453,7 @@ def test_a_batch_never_holds_more_records_than_asked(tmp_path: Path) -> None:
     reader.close()
 
 
-def test_a_spool_record_that_crashes_the_shipper_is_skipped_by_the_next(
+def test_a_spool_record_that_crashes_two_shippers_is_skipped_by_the_next(
         deployment: dict[str, Any]) -> None:
     """The same for records read back from the spool: the mark names them by the reader's
     outside lane and their spool sequence number."""
@@ -422,7 +462,7 @@ def test_a_spool_record_that_crashes_the_shipper_is_skipped_by_the_next(
     deployment["environment"]["MOESIF_DEMO_OPTIONS"] = json.dumps(
         {**options, "SPOOL_DIR": str(workspace / "spool")})
     folder = spool_folder(load({"APPLICATION_ID": APPLICATION_ID, "BASE_URI": collector.url,
-                                "SPOOL_DIR": str(workspace / "spool")}), SETTINGS_MODULE)
+                                "SPOOL_DIR": str(workspace / "spool")}), SETTINGS_MODULE, "")
     os.makedirs(os.path.dirname(folder), mode=0o700)
     spool = Spool(folder)
     records = [call_record(0, number, "crash" if number == 2 else "items")
@@ -430,17 +470,16 @@ def test_a_spool_record_that_crashes_the_shipper_is_skipped_by_the_next(
     assert spool.append(records) == 5
     spool.close()
 
-    first = ship(deployment)
-    assert first.wait(timeout=180) == -signal.SIGSEGV
     outside_lane = ring.geometry.lane_count
-    assert (ring.words[WORD_DECODING_LANE] - 1, ring.words[WORD_DECODING_POSITION]) == (
-        outside_lane, 2)  # the third record the spool ever took
+    for _ in range(2):
+        crashed = ship(deployment)
+        assert crashed.wait(timeout=180) == -signal.SIGSEGV
+        assert (ring.words[WORD_DECODING_LANE] - 1, ring.words[WORD_DECODING_POSITION]) == (
+            outside_lane, 2)  # the third record the spool ever took
 
-    second = ship(deployment, "--idle-exit", "1")
-    assert second.wait(timeout=180) == 0, (workspace / "shipper.log").read_text()
+    assert ship_until_delivered(deployment, 4)["poison"] == 1
     assert {event["transaction_id"] for event in collector.events()} == {
         f"tx-0-{number}" for number in (0, 1, 3, 4)}
-    assert shipper_counters(ring)["poison"] == 1
     assert "skipped the spool record of sequence number 2" in (
         workspace / "shipper.log").read_text()
     reopened = Spool(folder)

@@ -20,6 +20,9 @@ is little-endian; every control word is an aligned u64, read and written only th
       168  u64 poison_count (records a reader found marked as decoding when it started)
       176  16 x (u64 lane + 1, u64 position): the latest poison records, entry
            poison_count % 16 is the next; a reader skips the ones it finds, unread
+      432  u64 suspect_lane                440  u64 suspect_position
+           (a record a reader's process died on once, lane + 1, 0 = none: it becomes poison
+           if the next reader dies on it too)
     Lane control block i, 256 bytes at CONTROL_OFFSET + 256*i
         producer line:  +0 tail  +8 owner_pid  +16 appended  +24 dropped_full
                         +32 dropped_oversize  +40 dropped_busy
@@ -92,6 +95,8 @@ WORD_DECODING_POSITION = 160 // 8
 WORD_POISON_COUNT = 168 // 8
 WORD_POISON_TABLE = 176 // 8  # POISON_SLOTS entries of two words: lane + 1, position
 POISON_SLOTS = 16
+WORD_SUSPECT_LANE = 432 // 8
+WORD_SUSPECT_POSITION = 440 // 8
 # u64 word offsets inside a lane control block
 TAIL, OWNER_PID, APPENDED, DROPPED_FULL, DROPPED_OVERSIZE, DROPPED_BUSY = range(6)
 HEAD, CONSUMED, CORRUPT_RESETS = 16, 17, 18

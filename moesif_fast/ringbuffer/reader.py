@@ -14,9 +14,12 @@ raises on ring contents, never loops without progress and never reads outside th
 Poison records: a record whose decoding crashed or hung the reader's process must not stop
 delivery for good. Before the process decodes and builds each record it names it in the ring's
 header (`mark`: lane and position, a few stores), and it clears the mark after the batch. A
-reader that starts and finds a mark (its predecessor died or was killed with it set) adds the
-record to the header's table of poison records; any record in that table is skipped when read
-(its space is released with its batch, and `Batch.skipped` names it for the caller to count).
+reader that starts and finds a mark (its predecessor died or was killed with it set) does not
+trust it at once: a process killed from outside (SIGTERM without a handler, SIGKILL, the OOM
+killer) dies wherever it is, most often decoding. The record becomes the header's suspect and
+is read again; only if the next reader dies on it too is it added to the header's table of
+poison records. Any record in that table is skipped when read (its space is released with its
+batch, and `Batch.skipped` names it for the caller to count).
 The table keeps the latest POISON_SLOTS, so that poison records that crash the shipper in turn
 before their batch is committed do not take turns either.
 """
@@ -47,6 +50,8 @@ from .layout import (
     WORD_POISON_TABLE,
     WORD_READER_HEARTBEAT,
     WORD_READER_PID,
+    WORD_SUSPECT_LANE,
+    WORD_SUSPECT_POSITION,
     RingBusyError,
     RingFile,
     bump,
@@ -120,7 +125,8 @@ class Reader:
     def mark(self, lane: int, position: int) -> None:
         """Name the record about to be decoded (from `Batch.lanes` and `Batch.positions`) in
         the ring's header, and heartbeat: if the process dies or is killed before the next
-        `mark` or `clear_mark`, the next reader skips that record. The words are stored so
+        `mark` or `clear_mark`, the next reader suspects that record (see the module
+        docstring). The words are stored so
         that a process killed between two stores leaves either no mark or a whole one."""
         words = self._words
         if lane != self._marked_lane:
@@ -261,14 +267,22 @@ class Reader:
         return position < tail
 
     def _poison_positions(self) -> dict[int, set[int]]:
-        """Move a mark left by the previous reader's process (it died while decoding that
-        record) into the header's poison table, and return the table's records that are still
+        """Handle a mark left by the previous reader's process (it died while decoding that
+        record): the first time, the record becomes the suspect; if it was the suspect
+        already, into the header's poison table. Returns the table's records that are still
         in their lanes, by lane."""
         words = self._words
         entries = {(words[WORD_POISON_TABLE + 2 * slot], words[WORD_POISON_TABLE + 2 * slot + 1])
                    for slot in range(POISON_SLOTS)}
         marked = (words[WORD_DECODING_LANE], words[WORD_DECODING_POSITION])
-        if marked[0]:
+        suspect = (words[WORD_SUSPECT_LANE], words[WORD_SUSPECT_POSITION])
+        if marked[0] and marked != suspect:
+            words[WORD_SUSPECT_LANE] = 0  # a reader killed from here on leaves no half suspect
+            words[WORD_SUSPECT_POSITION] = marked[1]
+            words[WORD_SUSPECT_LANE] = marked[0]
+            words[WORD_DECODING_LANE] = 0
+        elif marked[0]:
+            words[WORD_SUSPECT_LANE] = 0
             if marked not in entries:
                 entry = WORD_POISON_TABLE + 2 * (words[WORD_POISON_COUNT] % POISON_SLOTS)
                 words[entry] = 0  # a reader killed from here on leaves no half entry

@@ -12,7 +12,8 @@ least every pass of its loop (every 50 ms when idle, waiting for the collector o
 and before each record it decodes. If the heartbeat has not changed for STALL_TIMEOUT seconds
 of the supervisor's own monotonic clock (a wall-clock step cannot fake a stall), the shipper
 is hung, most likely on one record, which its mark in the ring header names: it gets SIGKILL,
-and the next shipper skips that record (see `ringbuffer.reader`).
+and the record is read again by the next shipper, which is skipped if that one hangs or dies on
+it too (see `ringbuffer.reader`).
 
 It is a separate process rather than a thread in the arbiter because gunicorn forks its
 workers from the arbiter and reaps every child with waitpid(-1); a thread there would make
@@ -144,6 +145,6 @@ def _kill_if_stalled(shipper: subprocess.Popen[bytes], watch: StallWatch) -> Non
         return
     logger.error("moesif_fast supervisor: shipper %d has not heartbeated for %.0f s (stuck, "
                  "most likely decoding or building one event); killing it. The record it was "
-                 "working on is skipped by the next shipper", shipper.pid, quiet)
+                 "working on is skipped if it stops the next shipper too", shipper.pid, quiet)
     shipper.kill()
     shipper.wait()
