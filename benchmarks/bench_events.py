@@ -52,7 +52,7 @@ def captured_call(number: int, body: bytes) -> bytes:
         "Incoming", now, now + 1_000_000, "POST", f"http://api.example.com/api/echo?n={number}",
         header_columns(HEADERS), "203.0.113.9", body, 201,
         (("Content-Type", "application/json"), ("x-moesif-transaction-id", f"t-{number}")),
-        body, f"t-{number}", None, None, None, None, 1, None))
+        body, f"t-{number}", None, None, None, None, 1, None, 0))
 
 
 def batches(items: list[Any]) -> list[list[Any]]:

@@ -1,7 +1,7 @@
 """Whole-server throughput: gunicorn requests/s with capture over without capture.
 
 Side by side in one run, same machine: the example API under gunicorn (2 sync workers, the
-gunicorn_conf.py hooks) without the middleware, with it at the reference's default BATCH_SIZE
+hooks) without the middleware, with it at the reference's default BATCH_SIZE
 of 25, and with it at 250 (ring, shipper and local collector sharing the same cores). Load: 2
 client processes x 4 threads, a 1 KB JSON POST per request, a new connection per request
 (gunicorn's sync workers close them).

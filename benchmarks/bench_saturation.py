@@ -1,6 +1,6 @@
 """Sustained saturation: what capture costs, and what is delivered, when the server is flat out.
 
-The example API under gunicorn (2 sync workers, the gunicorn_conf.py hooks) takes unpaced load
+The example API under gunicorn (2 sync workers, the hooks) takes unpaced load
 for SATURATION_S seconds (30 by default; MOESIF_BENCH_SATURATION_S overrides it for a quick
 run) from 2 client processes x 4 threads, a 1 KB JSON POST per request and a new connection per
 request, as in bench_gunicorn.py. First without capture (MOESIF_DEMO_CAPTURE=0), for the

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from . import ringfile
 from .settings import SHM_DIR
 
 
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "if needed: the sidecar setup)")
     ship.add_argument("--settings", help="Django settings module (default: "
                                          "DJANGO_SETTINGS_MODULE)")
+    ship.add_argument("--server", default=ringfile.server_name(),
+                      help="the server's name (default: MOESIF_FAST_SERVER, or none)")
     ship.add_argument("--parent", type=int, help="finish when this process (the gunicorn "
                                                  "arbiter) is gone")
     ship.add_argument("--idle-exit", type=float, help="finish after this many seconds with "
@@ -32,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "the gunicorn hooks)")
     supervise.add_argument("--ring", required=True)
     supervise.add_argument("--settings", required=True)
+    supervise.add_argument("--server", required=True)
     supervise.add_argument("--parent", type=int, required=True)
     supervise.add_argument("--deadline", type=float, required=True)
 
@@ -39,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "server's ring (run by the hooks)")
     prepare.add_argument("--settings", required=True)
     prepare.add_argument("--workers", type=int, required=True)
+    prepare.add_argument("--server", required=True)
 
     commands.add_parser("collector", help="run a local Moesif-compatible collector "
                                           "(see: collector --help)")
@@ -59,18 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ship":
         from .shipper.run import run_shipper
 
-        return run_shipper(args.ring, args.settings, args.parent, args.idle_exit)
+        return run_shipper(args.ring, args.settings, args.server, args.parent,
+                           args.idle_exit)
     if args.command == "supervise":
         from .shipper.parent import ParentWatch
         from .shipper.supervisor import supervise as run_supervisor
 
         command = [sys.executable, "-m", "moesif_fast", "ship", "--ring", args.ring,
-                   "--settings", args.settings, "--parent", str(args.parent)]
+                   "--settings", args.settings, "--server", args.server,
+                   "--parent", str(args.parent)]
         return run_supervisor(command, ParentWatch(args.parent), args.deadline)
     if args.command == "prepare":
         from .prepare import main as prepare_main
 
-        return prepare_main(args.settings, args.workers)
+        return prepare_main(args.settings, args.workers, args.server)
     if args.command == "stats":
         from .stats import main as stats_main
 

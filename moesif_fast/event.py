@@ -151,7 +151,7 @@ class EventBuilder:
         JSON bodies nothing may change are orjson fragments of the body as sent."""
         (direction, request_time_ns, response_time_ns, verb, uri, (names, values), remote_addr,
          raw_request_body, status, raw_response_headers, raw_response_body, transaction_id,
-         user_id, company_id, session_token, metadata, weight, blocked_by) = call
+         user_id, company_id, session_token, metadata, weight, blocked_by, _) = call
         if direction == INCOMING:
             incoming = True
             headers = self.wire_headers(zip(names, values, strict=True))

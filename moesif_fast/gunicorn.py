@@ -33,8 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import private, ringfile
-from .ringbuffer import RingError, RingFile
+from . import ringfile
 
 SETTINGS_ENV = "DJANGO_SETTINGS_MODULE"
 EXIT_GRACE = 10.0  # seconds beyond SHUTDOWN_DEADLINE that on_exit waits for the supervisor
@@ -71,7 +70,9 @@ def when_ready(server: Any) -> None:
         server.log.error("moesif_fast: cannot tell the Django settings module (set %s); "
                          "events go through the middleware's fallback shipper", SETTINGS_ENV)
         return
-    prepared = _prepare(server, settings_module)
+    name = ringfile.server_name() or "gunicorn " + " ".join(
+        sorted(str(listener) for listener in server.LISTENERS))
+    prepared = _prepare(server, settings_module, name)
     if prepared is None:
         return
     path = prepared["ring"]
@@ -79,7 +80,8 @@ def when_ready(server: Any) -> None:
     _State.ring_path = path
     _State.deadline = float(prepared["deadline"])
     _State.command = [sys.executable, "-m", "moesif_fast", "supervise", "--ring", path,
-                      "--settings", settings_module, "--parent", str(os.getpid()),
+                      "--settings", settings_module, "--server", name,
+                      "--parent", str(os.getpid()),
                       "--deadline", str(_State.deadline)]
     _start_supervisor(server)
     server.log.info("moesif_fast: ring %s (%d MiB), shipper supervisor pid %d", path,
@@ -125,12 +127,12 @@ def settings_module_of(app_uri: str) -> str | None:
     return None
 
 
-def _prepare(server: Any, settings_module: str) -> dict[str, Any] | None:
+def _prepare(server: Any, settings_module: str, name: str) -> dict[str, Any] | None:
     """Check the settings and create the ring in `python -m moesif_fast prepare` (no Django in
     the arbiter: see `moesif_fast.prepare`); its messages go to gunicorn's log. None when
     nothing can be captured."""
     command = [sys.executable, "-m", "moesif_fast", "prepare", "--settings", settings_module,
-               "--workers", str(server.num_workers)]
+               "--workers", str(server.num_workers), "--server", name]
     try:
         finished = subprocess.run(command, env=_child_environment(), capture_output=True,
                                   text=True, timeout=PREPARE_TIMEOUT, stdin=subprocess.DEVNULL)
@@ -173,19 +175,7 @@ def _alive(pid: int) -> bool:
 def _remove_drained_ring(server: Any) -> None:
     if _State.ring_path is None:
         return
-    try:
-        ring = RingFile.attach(_State.ring_path)
-    except (OSError, RingError):
-        return
-    try:
-        stats = ring.stats()
-        if stats.bytes_in_use == 0 and not ring.owned_lanes():
-            ring.unlink()
-            private.remove_file(ringfile.shipper_stats_path(_State.ring_path))
-            private.remove_file(ringfile.policy_snapshot_path(_State.ring_path))
-        else:
-            server.log.warning("moesif_fast: %d events were not delivered; they stay in %s "
-                               "and are sent by the next shipper", stats.records_in_use,
-                               _State.ring_path)
-    finally:
-        ring.close()
+    left = ringfile.remove_drained(_State.ring_path)
+    if left is not None:
+        server.log.warning("moesif_fast: %d events were not delivered; they stay in %s and "
+                           "are sent by the next shipper", left, _State.ring_path)

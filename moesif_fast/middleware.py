@@ -305,7 +305,7 @@ class MoesifMiddleware:
             _response_headers(response), response_body, transaction_id, user_id, company_id,
             self._session_token(request, response),
             options.GET_METADATA and self._callback(options.GET_METADATA, request, response),
-            1 if rate >= FULL_RATE else Policy.weight(rate), blocked_by,
+            1 if rate >= FULL_RATE else Policy.weight(rate), blocked_by, options.settings_tag,
         )
         payload = encode_call_safely(fields)
         if len(payload) > self._sink.max_record:  # too big for the ring: keep the event,

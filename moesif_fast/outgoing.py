@@ -185,7 +185,7 @@ class _OutgoingCapture:
                 options.GET_SESSION_TOKEN_OUTGOING, final_request, response),
             options.GET_METADATA_OUTGOING and self._callback(
                 options.GET_METADATA_OUTGOING, final_request, response),
-            1, None,
+            1, None, options.settings_tag,
         )
         written = self._sink.append(encode_call_safely(fields))
         if options.LOCAL_DEBUG:  # never headers, bodies or the query string: they hold secrets

@@ -23,7 +23,7 @@ from .ringbuffer import RingError
 from .settings import MoesifOptions, load, problems
 
 
-def prepare(settings_module: str, workers: int) -> dict[str, object]:
+def prepare(settings_module: str, workers: int, server: str) -> dict[str, object]:
     messages: list[list[str]] = []
     result: dict[str, object] = {"ring": None, "deadline": MoesifOptions.SHUTDOWN_DEADLINE,
                                  "messages": messages}
@@ -39,7 +39,7 @@ def prepare(settings_module: str, workers: int) -> dict[str, object]:
         return result
     options = load(raw)
     geometry = ringfile.geometry(options, ringfile.producers_for_workers(workers))
-    path = ringfile.ring_path(options, settings_module, geometry)
+    path = ringfile.ring_path(options, settings_module, geometry, server)
     try:
         ringfile.open_ring(path, geometry).close()
     except (OSError, RingError) as error:
@@ -65,7 +65,7 @@ def _moesif_middleware(settings_module: str, messages: list[list[str]]) -> objec
         return _UNREADABLE
 
 
-def main(settings_module: str, workers: int) -> int:
-    print(json.dumps(prepare(settings_module, workers)), flush=True)
+def main(settings_module: str, workers: int, server: str) -> int:
+    print(json.dumps(prepare(settings_module, workers, server)), flush=True)
     return 0
 

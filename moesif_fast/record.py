@@ -6,7 +6,7 @@ unpacks it into a `CapturedCall` and builds the Moesif event from it (`moesif_fa
 
 Payload layout: one kind byte, then
 
-- b"E" (an API call): one MessagePack array of the `CapturedCall` fields in order. The request
+- b"F" (an API call): one MessagePack array of the `CapturedCall` fields in order. The request
   headers are two arrays (names, values), not a pair per header: the worker builds no tuple per
   header, and two joins check them in the shipper.
 - b"V" (a user, company or subscription update, see `entities.py`): one MessagePack array
@@ -15,8 +15,9 @@ Payload layout: one kind byte, then
 Strings are UTF-8 (lone surrogates pass, as marshal let them), bytes are MessagePack bin, and
 an integer outside MessagePack's 64 bits is ext type 1 (its signed little-endian bytes). No
 other ext type is read; the timestamp ext (-1) reads as an int. The kind byte carries the
-record version, so a mixed deployment drops and counts records it cannot read (b"D" and b"U",
-the marshal records of the previous version, among them) instead of misreading them.
+record version, so a mixed deployment drops and counts records it cannot read (b"E", the
+previous version's, without a settings tag; b"D" and b"U", marshal records) instead of
+misreading them.
 
 Trust: the ring file is mode 0600 and owned by the server's user, but the shipper treats its
 bytes as untrusted. `decode` never raises and never builds anything but None, bools, ints,
@@ -25,8 +26,8 @@ constructors. Every length in a record is bounded by the record's own size (`_un
 lying length is refused before anything is allocated for it, and the unpacker is not recursive
 (it refuses nesting past 1024 arrays and maps), so no record can exhaust the C stack. A bad
 record is None: the shipper counts it as undecodable. (The previous decoder, marshal, could be
-crashed by crafted bytes: issue #12. A record that still crashes or hangs the shipper is
-skipped by the next one: see `ringbuffer.reader`.)
+crashed by crafted bytes: issue #12. A record that still crashes or hangs two shippers in
+a row is skipped by the next one: see `ringbuffer.reader`.)
 
 The one callback result a worker packs that cannot be decoded: one nested exactly 1024
 containers deep (the packer takes 1025 levels with the record's own array, the unpacker 1024);
@@ -46,7 +47,7 @@ from typing import Any, NamedTuple
 import msgpack
 from msgpack import unpackb as _unpackb
 
-CALL_V3 = b"E"
+CALL_V4 = b"F"
 ENTITY_V2 = b"V"
 ENTITY_KINDS = ("user", "company", "subscription")
 
@@ -81,15 +82,18 @@ class CapturedCall(NamedTuple):
     bytes, numbers, bools and None; anything else was made JSON-safe in the worker."""
     weight: int  # sampling weight (1 = sample rate 100)
     blocked_by: str | None  # the governance rule that blocked the request, if one did
+    settings_tag: int = 0
+    """MoesifOptions.settings_tag of the worker that captured the call (never 0); 0 in a
+    record made without settings (tests, benchmarks): sent under the shipper's settings."""
 
 
 FIELD_COUNT = len(CapturedCall._fields)
-_TYPED_FIELDS = itemgetter(*range(12), 16, 17)
+_TYPED_FIELDS = itemgetter(*range(12), 16, 17, 18)
 """The fields whose type is fixed (all but the callback results user_id … metadata)."""
 _FIELD_TYPES = {
     array: frozenset(
         (str, int, int, str, str, array, remote_addr, request_body, int, array, response_body,
-         transaction_id, int, blocked_by)
+         transaction_id, int, blocked_by, int)
         for remote_addr, transaction_id, blocked_by in product((str, NoneType), repeat=3)
         for request_body, response_body in product((bytes, int, NoneType), repeat=2))
     for array in (list, tuple)
@@ -142,7 +146,7 @@ def encode_call(fields: tuple) -> bytes:
     """Pack a plain tuple in `CapturedCall` field order. Raises TypeError, ValueError or
     OverflowError for values MessagePack cannot carry; the caller makes callback results safe
     first (`encode_call_safely`)."""
-    return CALL_V3 + _packers.pack(fields)
+    return CALL_V4 + _packers.pack(fields)
 
 
 def encode_call_safely(fields: tuple) -> bytes:
@@ -154,7 +158,7 @@ def encode_call_safely(fields: tuple) -> bytes:
         return encode_call(fields)
     except UnicodeEncodeError:  # a lone surrogate (a ValueError too: caught below otherwise)
         try:
-            return CALL_V3 + _packers.pack_lenient(fields)
+            return CALL_V4 + _packers.pack_lenient(fields)
         except _UNPACKABLE:
             pass
     except _UNPACKABLE:  # TypeError: a type it has no form for; ValueError: nested too deep,
@@ -164,7 +168,7 @@ def encode_call_safely(fields: tuple) -> bytes:
     names, values = fields[5]
     request_headers = (tuple(map(str, names)), tuple(map(_flat, values)))
     callback_results = tuple(json_safe(value) for value in fields[12:16])
-    return CALL_V3 + _packers.pack_lenient(fields[:5] + (request_headers,) + fields[6:12]
+    return CALL_V4 + _packers.pack_lenient(fields[:5] + (request_headers,) + fields[6:12]
                                            + callback_results + fields[16:])
 
 
@@ -193,7 +197,7 @@ def decode(payload: bytes) -> CapturedCall | EntityUpdate | None:
     payload byte (calloc'ed, mostly never touched: +75 MB of RSS for a 1 MB record, measured),
     freed when the record is refused."""
     kind = payload[:1]
-    if kind == CALL_V3:
+    if kind == CALL_V4:
         try:
             fields = _unpackb(payload[1:], strict_map_key=False, unicode_errors="surrogatepass",
                               timestamp=2, ext_hook=_read_extension)

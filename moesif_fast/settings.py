@@ -9,6 +9,9 @@ middleware with an invalid configuration passes requests through untouched.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import logging
 import os
 import tempfile
@@ -102,6 +105,30 @@ class MoesifOptions:
             return self.RING_BYTES
         wanted = self.EVENT_QUEUE_SIZE * RING_BYTES_PER_EVENT
         return max(RING_BYTES_MIN, min(RING_BYTES_MAX, wanted))
+
+    @functools.cached_property
+    def settings_tag(self) -> int:
+        """A 32-bit digest of these options, equal in every process that loaded the same
+        MOESIF_MIDDLEWARE: workers put it in each API call record, and the shipper sends a
+        record only under options of the same tag (see `shipper.loop`). A callback counts by
+        its module, name and source text, so editing a mask function changes the tag."""
+        text = "\0".join(f"{field.name}={_stable_text(getattr(self, field.name))}"
+                          for field in fields(self))
+        digest = hashlib.sha256(text.encode(errors="surrogatepass")).digest()
+        return int.from_bytes(digest[:4], "big") or 1  # 0: a record of no known settings
+
+
+def _stable_text(value: object) -> str:
+    """`value` as text that does not depend on the process (no addresses): a callback by
+    its qualified name and source, anything else by its repr."""
+    if not callable(value):
+        return repr(value)
+    named = value if hasattr(value, "__qualname__") else type(value)
+    try:
+        source = inspect.getsource(named)
+    except (OSError, TypeError):  # defined in a REPL, a C function...
+        source = ""
+    return f"<{getattr(named, '__module__', '')}.{named.__qualname__}:{source}>"
 
 
 _KNOWN = {f.name for f in fields(MoesifOptions)}

@@ -6,7 +6,11 @@ hooks (runserver, uWSGI, tests) the worker opens the deployment's ring itself (t
 every process of the deployment derives, see `ringfile`) and, when the ring's reader heartbeat
 is stale, starts a detached `python -m moesif_fast ship --idle-exit ...` for it (its log goes
 to `<ring>.shipper.log`); the reader lock makes sure only one of those started by racing
-workers keeps running.
+workers keeps running. Such a shipper removes the ring when no worker has been alive for its
+idle time; a worker that attached to it in that instant sees, at its next check, that the path
+names another file (or none) and attaches again (its warning says so: what it appended to the
+removed ring meanwhile is lost). With MOESIF_FAST_SHIPPER=external in the environment, the
+server runs the shipper itself (uWSGI's attach-daemon2, a sidecar) and workers start none.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ SHIPPER_CHECK_INTERVAL = 2.0  # seconds between checks of the reader heartbeat (
 SHIPPER_STALE_AFTER_NS = 5_000_000_000  # a heartbeat older than this means no shipper
 SHIPPER_IDLE_EXIT = 60  # seconds a fallback shipper waits with nothing to do before exiting
 ATTACH_RETRY_INTERVAL = 5.0  # seconds between attempts when the ring cannot be attached
+SHIPPER_ENV = "MOESIF_FAST_SHIPPER"  # "external": the server runs the shipper (uWSGI
+# attach-daemon2, a sidecar), so workers never start a fallback shipper
 
 
 _producers: dict[str, Producer] = {}
@@ -44,6 +50,25 @@ def _producer_for(path: str, open_ring: Callable[[], RingFile]) -> Producer:
         return _producers[path]
 
 
+def _python() -> str:
+    """The interpreter to run a shipper with: sys.executable, except in a server that embeds
+    Python (uWSGI), where that is the server's own binary."""
+    if os.path.basename(sys.executable).startswith("python"):
+        return sys.executable
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    candidate = os.path.join(sys.prefix, "bin", version)
+    return candidate if os.access(candidate, os.X_OK) else version
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file `path` names now (None: none)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
 class EventSink:
     """The worker's handle on the ring. Attaches lazily, so that it can be created in a
     gunicorn arbiter (--preload) and used in the forked workers."""
@@ -54,6 +79,7 @@ class EventSink:
         self._attach_lock = threading.Lock()
         self._retry_attach_at = 0.0
         self._fallback_settings: str | None = None  # set in fallback mode
+        self._ring_identity: tuple[int, int] | None = None  # (st_dev, st_ino), fallback mode
         self._next_shipper_check = 0.0
         self._started_shipper: subprocess.Popen[bytes] | None = None
         self._policy_source: PolicySource | None = None
@@ -108,19 +134,33 @@ class EventSink:
             raise RingError("no gunicorn hooks (MOESIF_FAST_RING) and no DJANGO_SETTINGS_MODULE "
                             "for a fallback shipper to load")
         geometry = ringfile.geometry(self._options, ringfile.FALLBACK_PRODUCERS)
-        path = ringfile.ring_path(self._options, settings_module, geometry)
-        self._fallback_settings = settings_module
-        return _producer_for(path, lambda: ringfile.open_ring(path, geometry))
+        path = ringfile.ring_path(self._options, settings_module, geometry,
+                                  ringfile.server_name())
+        if os.environ.get(SHIPPER_ENV) != "external":
+            self._fallback_settings = settings_module
+        producer = _producer_for(path, lambda: ringfile.open_ring(path, geometry))
+        self._ring_identity = _identity(path)
+        return producer
 
     def _ensure_shipper(self, ring: RingFile) -> None:
         """Fallback mode: start a shipper if the ring's reader heartbeat is stale."""
         self._next_shipper_check = time.monotonic() + SHIPPER_CHECK_INTERVAL
+        if _identity(ring.path) != self._ring_identity:
+            logger.warning("moesif_fast: the event ring %s was removed by an idle shipper as "
+                           "this process attached to it; attaching again (events of the last "
+                           "%.0f s may be lost)", ring.path, SHIPPER_CHECK_INTERVAL)
+            with _producers_lock:
+                producer = _producers.pop(ring.path, None)
+            if producer is not None:
+                producer.close()
+            self._producer = self._policy_source = None
+            return
         if self._started_shipper is not None and self._started_shipper.poll() is None:
             return
         if time.time_ns() - ring.reader_heartbeat_ns < SHIPPER_STALE_AFTER_NS:
             return
         environment = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        command = [sys.executable, "-m", "moesif_fast", "ship", "--ring", ring.path,
+        command = [_python(), "-m", "moesif_fast", "ship", "--ring", ring.path,
                    "--settings", self._fallback_settings or "",
                    "--idle-exit", str(SHIPPER_IDLE_EXIT)]
         try:

@@ -218,10 +218,11 @@ def start_server(workspace: Path, collector: Collector) -> Callable[..., Server]
     """Starts the example API under gunicorn, sending to this test's collector."""
 
     def start(*, workers: int = 2, options: dict[str, object] | None = None,
-              extra_args: tuple[str, ...] = (), config: str | None = None) -> Server:
+              extra_args: tuple[str, ...] = (), config: str | None = None,
+              app: str = "moesif_fast.demo.wsgi") -> Server:
         process, url = start_gunicorn(str(workspace), collector.url, workers=workers,
                                       options=options, extra_args=list(extra_args),
-                                      config=config)
+                                      config=config, app=app)
         return Server(process, url, workspace)
 
     return start

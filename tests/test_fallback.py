@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -180,3 +182,83 @@ def test_sidecar_shipper_serves_hookless_workers_and_exits_when_idle(
     assert server.stop() == 0
     assert sidecar.wait(timeout=60) == 0
     assert_at_least_once(exchanges, collector.events_by_request_id())
+
+
+def files_of_ours(workspace: Path) -> list[Path]:
+    """What moesif_fast keeps in the workspace (its RING_DIR and SPOOL_DIR): state folders and
+    everything in them."""
+    return sorted(path for folder in workspace.glob("moesif_fast-*")
+                  for path in [folder, *folder.rglob("*")])
+
+
+def test_uvicorn_stopped_leaves_no_process_and_no_file_after_the_idle_time(
+        workspace: Path, collector: Collector) -> None:
+    """uvicorn with 2 worker processes (no hooks: the fallback). Once it is stopped, the
+    fallback shipper delivers, waits SHIPPER_IDLE_EXIT seconds with no producer, and removes
+    the ring, its companion files, the spool and the state folders."""
+    pytest.importorskip("uvicorn")
+    environment = demo_environment(workspace, collector)
+    environment["MOESIF_DEMO_OPTIONS"] = json.dumps({"RING_DIR": str(workspace),
+                                                     "SPOOL_DIR": str(workspace)})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open(workspace / "uvicorn.log", "w") as log:
+        uvicorn = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "moesif_fast.demo.asgi:application",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+            env=environment, stdout=log, stderr=log, stdin=subprocess.DEVNULL, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: "Application startup complete" in (workspace / "uvicorn.log")
+                   .read_text(), 60, "uvicorn to start")
+        exchanges = send_requests(url, 200)
+        assert_answered_normally(exchanges)
+        assert_at_least_once(exchanges, collector.wait_for(answered_ids(exchanges)))
+        (shipper,) = wait_until(  # racing workers' extra shippers exit
+            lambda: (found := moesif_processes(workspace, "ship")) and len(found) == 1
+            and found, 30, "a single fallback shipper")
+        assert files_of_ours(workspace)
+    finally:
+        uvicorn.send_signal(signal.SIGINT)
+        assert uvicorn.wait(timeout=60) == 0
+    shipper.wait(timeout=SHIPPER_IDLE_EXIT + 30)
+    assert moesif_processes(workspace, "ship") == []
+    assert files_of_ours(workspace) == []
+
+
+def test_a_fallback_shipper_whose_collector_is_gone_spools_and_exits(
+        start_server: StartServer, collector: Collector, no_hooks_config: str,
+        workspace: Path) -> None:
+    """The collector dies with events in the ring: once no producer is alive, the idle
+    shipper tries until SHUTDOWN_DEADLINE, moves what is left to the spool, removes the ring
+    and exits; the next shipper delivers the spool."""
+    environment = demo_environment(workspace, collector)
+    options = {"RING_DIR": str(workspace), "SPOOL_DIR": str(workspace),
+               "SHUTDOWN_DEADLINE": 2}
+    environment["MOESIF_DEMO_OPTIONS"] = json.dumps(options)
+    sidecar_command = [sys.executable, "-m", "moesif_fast", "ship", "--settings",
+                       DEMO_SETTINGS, "--idle-exit", str(SIDECAR_IDLE_EXIT)]
+    with open(workspace / "sidecar.log", "w") as log:
+        sidecar = subprocess.Popen(sidecar_command, env=environment, stdout=log, stderr=log,
+                                   stdin=subprocess.DEVNULL, text=True)
+    wait_until(lambda: list(workspace.glob("moesif_fast-*/*.ring"))
+               and ring_report(workspace)["reader_pid"] == sidecar.pid, 30,
+               "the sidecar to attach to the ring")
+    server = start_server(workers=2, config=no_hooks_config, options=options)
+    collector.stop()
+    exchanges = send_requests(server.url, 100)
+    assert_answered_normally(exchanges)
+    assert server.stop() == 0
+    assert sidecar.wait(timeout=SIDECAR_IDLE_EXIT + 60) == 1  # events left undelivered
+    assert not list(workspace.glob("moesif_fast-*/*.ring"))
+    (spool,) = workspace.glob("moesif_fast-*/*.spool")
+    assert any(path.stat().st_size for path in spool.iterdir())
+
+    collector.restart()
+    with open(workspace / "sidecar.log", "a") as log:
+        again = subprocess.Popen(sidecar_command, env=environment, stdout=log, stderr=log,
+                                 stdin=subprocess.DEVNULL, text=True)
+    assert_at_least_once(exchanges, collector.wait_for(answered_ids(exchanges)))
+    assert again.wait(timeout=SIDECAR_IDLE_EXIT + 60) == 0
+    assert files_of_ours(workspace) == []

@@ -1,9 +1,9 @@
 """The whole path under real gunicorn: workers → ring → supervised shipper → local collector.
 
-Every test runs the example API (moesif_fast.demo) under gunicorn with the repository's
-gunicorn_conf.py hooks, a real collector subprocess, and client threads; it then compares what
-arrived at the collector with what the clients were answered, request by request (each request
-carries a unique `rid` query parameter).
+Every test runs the example API (moesif_fast.demo) under gunicorn with the hooks, a real
+collector subprocess, and client threads; it then compares what arrived at the collector with
+what the clients were answered, request by request (each request carries a unique `rid` query
+parameter).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import gunicorn
 import psutil
 import pytest
 import requests
@@ -345,13 +346,27 @@ def test_stats_command_shows_ring_lanes_and_shipper(start_server: StartServer,
     assert server.stop() == 0
 
 
-@pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
+def worker_class_parameters() -> list[Any]:
+    """Every worker class this gunicorn has that Django can run, with the app it serves."""
+    from gunicorn.workers import SUPPORTED_WORKERS
+
+    wsgi, asgi = "moesif_fast.demo.wsgi", "moesif_fast.demo.asgi"
+    classes = [("sync", wsgi), ("gthread", wsgi), ("gevent", wsgi), ("eventlet", wsgi),
+               ("asgi", asgi), ("uvicorn.workers.UvicornWorker", asgi)]
+    return [pytest.param(name, app, id=name.rpartition(".")[2], marks=pytest.mark.skipif(
+        "." not in name and name not in SUPPORTED_WORKERS,
+        reason=f"gunicorn {gunicorn.__version__} has no {name} worker class"))
+        for name, app in classes]
+
+
+@pytest.mark.parametrize(("worker_class", "app"), worker_class_parameters())
 def test_every_worker_class_boots_queries_the_database_and_captures(
-        start_server: StartServer, collector: Collector, worker_class: str) -> None:
+        start_server: StartServer, collector: Collector, worker_class: str, app: str) -> None:
     """The hooks import no Django in the arbiter, so a worker class that monkey-patches after
-    the fork (gevent) gets an untouched Django: its database connections work. The hooks are
-    given as a pip user has them: the installed module as gunicorn's config."""
-    server = start_server(workers=2, extra_args=("-k", worker_class),
+    the fork (gevent) gets an untouched Django: its database connections work. ASGI workers
+    (gunicorn's own, uvicorn's) run the middleware's async path. The hooks are given as a pip
+    user has them: the installed module as gunicorn's config."""
+    server = start_server(workers=2, extra_args=("-k", worker_class), app=app,
                           config="python:moesif_fast.gunicorn")
     with requests.Session() as session:
         answers = [session.get(f"{server.url}/api/database?rid={worker_class}-{number}",

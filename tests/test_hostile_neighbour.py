@@ -48,6 +48,7 @@ from moesif_fast.settings import load
 NEIGHBOUR = "mf-neighbour"
 SECRET = "Bearer neighbour-must-not-read-this-4f1c"
 SETTINGS_MODULE = "moesif_fast.demo.settings"
+SERVER_NAME = "hostile-test"  # MOESIF_FAST_SERVER: the ring's name does not depend on the port
 WORKERS = 2
 
 
@@ -143,14 +144,16 @@ class Scene:
         options = load({"APPLICATION_ID": APPLICATION_ID, "BASE_URI": collector.url,
                         "RING_DIR": str(self.shared)})
         geometry = ringfile.geometry(options, ringfile.producers_for_workers(WORKERS))
-        return Path(ringfile.ring_path(options, SETTINGS_MODULE, geometry))
+        return Path(ringfile.ring_path(options, SETTINGS_MODULE, geometry, SERVER_NAME))
 
     def readable_secrets(self) -> list[str]:
         return as_neighbour(self.neighbour, FIND_SECRET, str(self.shared), SECRET).split()
 
 
 @pytest.fixture
-def scene(neighbour: pwd.struct_passwd, workspace: Path) -> Iterator[Scene]:
+def scene(neighbour: pwd.struct_passwd, workspace: Path, monkeypatch: pytest.MonkeyPatch
+          ) -> Iterator[Scene]:
+    monkeypatch.setenv(ringfile.SERVER_ENV, SERVER_NAME)  # for the servers the tests start
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     shared = Path(tempfile.mkdtemp(prefix="mf-shared-", dir=base))
     shared.chmod(0o1777)

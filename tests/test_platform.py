@@ -182,9 +182,14 @@ class Pipeline:
         self._thread.start()
 
     def settings(self, **extra: Any) -> dict[str, Any]:
-        """MOESIF_MIDDLEWARE for this pipeline."""
-        return {"APPLICATION_ID": APPLICATION_ID, "BASE_URI": self.url,
-                **self.options, **extra}
+        """MOESIF_MIDDLEWARE for this pipeline's workers. The shipper sends their events under
+        the pipeline's own settings: the extra options are worker callbacks, so it is told
+        their settings tag (it would otherwise stop for new settings)."""
+        settings = {"APPLICATION_ID": APPLICATION_ID, "BASE_URI": self.url, **self.options,
+                    **extra}
+        if extra:
+            self.shipper.accepted_tags |= {load(settings).settings_tag}
+        return settings
 
     def wait_for_policy(self) -> tuple[str, str]:
         return wait_for_published(self.ring.path, self.url)

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from moesif_fast.event import EventBuilder, EventDropped, json_safe, serialize_batch
 from moesif_fast.record import (
-    CALL_V3,
+    CALL_V4,
     ENTITY_KINDS,
     ENTITY_V2,
     CapturedCall,
@@ -51,7 +51,7 @@ RECORD_FIELDS = (
     "Incoming", T0_NS, T0_NS + 1_000_000, "POST", "http://h/p", (("HTTP_X_A",), ("a",)),
     "10.0.0.1",
     b'{"a": 1}', 201, (("Content-Type", "application/json"),), b"[]", TX, "u", 7, None,
-    {"m": [1]}, 1, None,
+    {"m": [1]}, 1, None, 0x5E77_1265,
 )
 
 
@@ -94,7 +94,8 @@ def assert_well_formed(record: CapturedCall | EntityUpdate) -> None:
         assert record.kind in ENTITY_KINDS and type(record.profile) is dict
         assert is_plain(record.profile)
         return
-    assert type(record) is CapturedCall and len(record) == 18
+    assert type(record) is CapturedCall and len(record) == 19
+    assert type(record.settings_tag) is int
     assert type(record.direction) is str and type(record.verb) is str
     assert type(record.uri) is str
     assert type(record.request_time_ns) is int and type(record.response_time_ns) is int
@@ -122,7 +123,7 @@ def assert_well_formed(record: CapturedCall | EntityUpdate) -> None:
 def test_a_record_decodes_to_its_call(body: bytes | int | None) -> None:
     fields = RECORD_FIELDS[:7] + (body,) + RECORD_FIELDS[8:10] + (body,) + RECORD_FIELDS[11:]
     payload = encode_call(fields)
-    assert payload[:1] == CALL_V3 == b"E"
+    assert payload[:1] == CALL_V4 == b"F"
     assert decode(payload) == CapturedCall(*fields)
 
 
@@ -248,7 +249,7 @@ WELL_FORMED = encode_call(RECORD_FIELDS)
     "payload",
     [
         pytest.param(b"", id="empty"),
-        pytest.param(b"E", id="kind-only"),
+        pytest.param(b"F", id="kind-only"),
         pytest.param(b"X" + WELL_FORMED[1:], id="unknown-kind"),
         pytest.param(b"C" + marshal.dumps(RECORD_FIELDS[:7]), id="an-older-call-kind"),
         pytest.param(b"D" + marshal.dumps(RECORD_FIELDS), id="the-marshal-call-kind"),
@@ -258,10 +259,10 @@ WELL_FORMED = encode_call(RECORD_FIELDS)
         pytest.param(b"V" + WELL_FORMED[1:], id="a-call-as-an-entity"),
         pytest.param(WELL_FORMED[:-3], id="truncated"),
         pytest.param(WELL_FORMED + b"\x00", id="extra-bytes"),
-        pytest.param(CALL_V3 + b"\xc1garbage", id="not-msgpack"),
-        pytest.param(CALL_V3 + marshal.dumps(RECORD_FIELDS), id="marshal-data"),
-        pytest.param(CALL_V3 + _packed(dict(enumerate(RECORD_FIELDS))), id="a-map"),
-        pytest.param(CALL_V3 + _packed("text"), id="a-string"),
+        pytest.param(CALL_V4 + b"\xc1garbage", id="not-msgpack"),
+        pytest.param(CALL_V4 + marshal.dumps(RECORD_FIELDS), id="marshal-data"),
+        pytest.param(CALL_V4 + _packed(dict(enumerate(RECORD_FIELDS))), id="a-map"),
+        pytest.param(CALL_V4 + _packed("text"), id="a-string"),
         pytest.param(encode_call(RECORD_FIELDS[:-1]), id="too-few-fields"),
         pytest.param(encode_call((*RECORD_FIELDS, None)), id="too-many-fields"),
         pytest.param(_with(0, b"Incoming"), id="direction-bytes"),
@@ -291,11 +292,11 @@ WELL_FORMED = encode_call(RECORD_FIELDS)
         pytest.param(_with(11, 5), id="transaction-id-int"),
         pytest.param(_with(16, "1"), id="weight-str"),
         pytest.param(_with(17, b"rule"), id="blocked-by-bytes"),
-        pytest.param(CALL_V3 + WELL_FORMED[1:-1] + b"\xc7\x01\x05x",
+        pytest.param(CALL_V4 + WELL_FORMED[1:-1] + b"\xc7\x01\x05x",
                      id="an-unknown-ext-type"),
-        pytest.param(CALL_V3 + _packed([*RECORD_FIELDS[:15], {msgpack.ExtType(7, b""): 1},
+        pytest.param(CALL_V4 + _packed([*RECORD_FIELDS[:15], {msgpack.ExtType(7, b""): 1},
                                         *RECORD_FIELDS[16:]]), id="an-unknown-ext-as-key"),
-        pytest.param(CALL_V3 + _packed([*RECORD_FIELDS[:15], {"k": 1}, *RECORD_FIELDS[16:]])
+        pytest.param(CALL_V4 + _packed([*RECORD_FIELDS[:15], {"k": 1}, *RECORD_FIELDS[16:]])
                      .replace(b"\x81\xa1k", b"\x81\x81\xa1k\x01", 1), id="a-map-as-key"),
         pytest.param(ENTITY_V2 + _packed(["admin", {"user_id": "u"}]), id="entity-unknown-kind"),
         pytest.param(ENTITY_V2 + _packed(["user", ["user_id", "u"]]), id="entity-profile-list"),
@@ -323,7 +324,7 @@ def test_arrays_the_worker_packed_as_lists_are_as_good_as_tuples() -> None:
     pytest.param(b"\xdc\x00\x12\xdd\x00\x10\x00\x00", id="a-field-of-a-million-items"),
 ])
 def test_a_lying_length_allocates_no_more_than_the_record(header: bytes) -> None:
-    payload = CALL_V3 + header + b"\x00" * 4_000
+    payload = CALL_V4 + header + b"\x00" * 4_000
     tracemalloc.start()
     try:
         assert decode(payload) is None
@@ -336,9 +337,9 @@ def test_a_lying_length_allocates_no_more_than_the_record(header: bytes) -> None
 def test_a_timestamp_ext_reads_as_an_int_not_an_object() -> None:
     timestamp = b"\xd6\xff" + struct.pack(">I", 1_700_000_000)  # msgpack's ext type -1
     packed = _packed([*RECORD_FIELDS[:15], "@", *RECORD_FIELDS[16:]])
-    call = decode(CALL_V3 + packed.replace(b"\xa1@", timestamp, 1))
+    call = decode(CALL_V4 + packed.replace(b"\xa1@", timestamp, 1))
     assert call is not None and call.metadata == 1_700_000_000 * 10**9
-    assert decode(CALL_V3 + packed.replace(b"\xa1@", b"\xd5\xff\x00\x00", 1)) is None
+    assert decode(CALL_V4 + packed.replace(b"\xa1@", b"\xd5\xff\x00\x00", 1)) is None
 
 
 # --- fuzzing ---------------------------------------------------------------------------------
@@ -439,9 +440,9 @@ def decode_and_build(payload: bytes) -> None:
 
 
 @settings(max_examples=3_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kind=st.sampled_from([CALL_V3, ENTITY_V2]), rest=st.binary(max_size=300))
-@example(kind=CALL_V3, rest=b"\xdc\x00\x12" + b"\xc0" * 18)
-@example(kind=CALL_V3, rest=b"\x91" * 2000)
+@given(kind=st.sampled_from([CALL_V4, ENTITY_V2]), rest=st.binary(max_size=300))
+@example(kind=CALL_V4, rest=b"\xdc\x00\x12" + b"\xc0" * 18)
+@example(kind=CALL_V4, rest=b"\x91" * 2000)
 def test_any_bytes_after_a_kind_byte_decode_to_none_or_a_well_formed_record(
         kind: bytes, rest: bytes) -> None:
     decode_and_build(kind + rest)
@@ -457,11 +458,11 @@ FUZZ_SCRIPT = """
 import random, sys
 sys.path[:0] = sys.argv[3:]
 from test_record import VALID_PAYLOADS, MSGPACK_LENGTH_MARKERS, decode_and_build
-from moesif_fast.record import CALL_V3, ENTITY_V2
+from moesif_fast.record import CALL_V4, ENTITY_V2
 rng = random.Random(int(sys.argv[1]))
 for _ in range(int(sys.argv[2])):
     if rng.random() < 0.3:
-        payload = rng.choice([CALL_V3, ENTITY_V2]) + rng.randbytes(rng.randrange(64))
+        payload = rng.choice([CALL_V4, ENTITY_V2]) + rng.randbytes(rng.randrange(64))
     else:
         data = bytearray(rng.choice(VALID_PAYLOADS))
         for _ in range(rng.randrange(1, 5)):

@@ -1,9 +1,9 @@
 """`python -m moesif_fast demo`: the whole path on this machine, with nothing configured.
 
-Starts the local collector and the example API under gunicorn (workers, `gunicorn_conf.py`
-hooks, ring, shipper), sends traffic while showing progress, stops gunicorn with SIGTERM and
-prints requests sent, events captured, delivered and dropped. The process helpers here are
-also what the end-to-end tests use to run real servers.
+Starts the local collector and the example API under gunicorn (workers, the hooks of
+`-c python:moesif_fast.gunicorn`, ring, shipper), sends traffic while showing progress, stops
+gunicorn with SIGTERM and prints requests sent, events captured, delivered and dropped. The
+process helpers here are also what the end-to-end tests use to run real servers.
 """
 
 from __future__ import annotations
@@ -25,13 +25,8 @@ from ..settings import MoesifOptions
 from ..stats import collect, find_rings
 
 APPLICATION_ID = "demo-application-id"
-REPOSITORY_CONFIG = Path(__file__).resolve().parents[2] / "gunicorn_conf.py"
+HOOKS_CONFIG = "python:moesif_fast.gunicorn"  # the installed hooks, as a pip user gives them
 START_TIMEOUT = 30.0
-
-
-def gunicorn_config() -> str:
-    """The repository's gunicorn_conf.py, or the same hooks from the installed package."""
-    return str(REPOSITORY_CONFIG) if REPOSITORY_CONFIG.exists() else "python:moesif_fast.gunicorn"
 
 
 def start_collector(directory: str, application_id: str = APPLICATION_ID, port: int = 0
@@ -65,7 +60,7 @@ def start_gunicorn(directory: str, collector_url: str, *, workers: int = 2,
         MOESIF_DEMO_OPTIONS=json.dumps({"RING_DIR": directory, "SPOOL_DIR": directory,
                                         **(options or {})}))
     log_path = os.path.join(directory, "gunicorn.log")
-    command = [sys.executable, "-m", "gunicorn", "-c", config or gunicorn_config(),
+    command = [sys.executable, "-m", "gunicorn", "-c", config or HOOKS_CONFIG,
                "-w", str(workers), "-b", "127.0.0.1:0", "--no-control-socket",
                *extra_args, app]
     with open(log_path, "w") as log:
@@ -108,7 +103,7 @@ def run_demo(total_requests: int, workers: int) -> int:
                                             options={"RING_DIR": rings_in})
         print(f"collector  {collector_url}   (what would be sent to Moesif is stored there)")
         print(f"example API {server_url} under gunicorn, {workers} workers, "
-              f"hooks from {gunicorn_config()}")
+              f"hooks from -c {HOOKS_CONFIG}")
         session = requests.Session()
         payload = {"user": "demo", "note": "x" * 900}
         routes = [("GET", "/api/items?page=1", None), ("POST", "/api/echo", payload),

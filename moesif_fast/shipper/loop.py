@@ -16,6 +16,14 @@ The loop and the senders run below the workers' CPU priority while the backlog (
 fullest lane, or the spool against SPOOL_BYTES) stays under half full, and at the process's
 own priority while the shipper catches up (`priority.py`).
 
+Settings: each API call record carries the settings tag of the worker that captured it
+(`MoesifOptions.settings_tag`). A record whose tag is neither this shipper's nor one it was told
+is older (`accepted_tags`) was captured under settings this process has not loaded (a HUP or
+`--reload` gave the workers new masks): the loop stops before sending anything of that batch,
+lets the batches in flight settle (RESTART_GRACE), and `run()` returns with `restart_for` set, so
+that `run.py` restarts the shipper on the settings now on disk. Records of older settings are
+sent under the newer ones. So an event is never sent under settings older than its worker's.
+
 Counters are published every second in `<ring>.shipper.json` for `python -m moesif_fast stats`;
 drops and delivery failures are also logged, at most once a minute per reason.
 """
@@ -44,7 +52,7 @@ from .drops import DropReport
 from .intake import LINGER, MAX_BATCH_BYTES, Handoff, RingIntake
 from .priority import CatchUp, drive, lower_this_thread
 from .refresh import PolicyRefresher
-from .transport import CollectorTransport, Outcome
+from .transport import CollectorTransport, Outcome, Stop
 
 logger = logging.getLogger("moesif_fast.shipper")
 
@@ -52,6 +60,7 @@ EVENTS_PATH = "/v1/events/batch"
 IN_FLIGHT = 4  # batches being sent at once
 IDLE_POLL = 0.05  # seconds between polls when there is nothing to send
 STATS_INTERVAL = 1.0
+RESTART_GRACE = 5.0  # seconds batches in flight may take to settle before a settings restart
 UNREADABLE_LOG_INTERVAL = 60.0  # seconds between two warnings of one kind (unreadable records,
 # counters that cannot be published)
 
@@ -82,6 +91,14 @@ Work = Handoff | SpoolBatch
 """A batch the loop sends: one handed over by the ring stage, or one read from the spool."""
 
 
+class SettingsChanged(Exception):
+    """A record needs settings this shipper has not loaded (see the module docstring)."""
+
+    def __init__(self, tag: int) -> None:
+        super().__init__(f"settings tag {tag:08x}")
+        self.tag = tag
+
+
 @dataclass(frozen=True, eq=False)
 class Request:
     """One POST made from a batch."""
@@ -91,13 +108,13 @@ class Request:
     body: bytes
     count: int  # events or updates in the body
     compress: bool
-    cancel: threading.Event  # set: stop retrying (the deadline passed, or the batch was spooled)
+    cancel: Stop  # set: stop retrying (the deadline passed, or the batch was spooled)
 
 
 @dataclass
 class BatchProgress:
     waiting: int  # requests of the batch not answered yet
-    cancel: threading.Event
+    cancel: Stop
     keep: bool = False  # some request was stopped undelivered: do not commit the batch
 
 
@@ -107,13 +124,15 @@ class Shipper:
     passes."""
 
     def __init__(self, ring: RingFile, options: MoesifOptions, transport: CollectorTransport,
-                 spool: Spool | None = None) -> None:
+                 spool: Spool | None = None, accepted_tags: frozenset[int] = frozenset()
+                 ) -> None:
         self.ring = ring
         self.reader = Reader(ring)
         self.spool = spool
         self.options = options
         self.transport = transport
         self.builder = EventBuilder(options)
+        self.settings_tag = options.settings_tag
         self.counters = ShipperCounters(pid=os.getpid(), started_ns=time.time_ns())
         self.refresher = PolicyRefresher(transport, policy_snapshot_path(ring.path))
         self.intake = RingIntake(self.reader, spool, options.BATCH_SIZE)
@@ -132,8 +151,14 @@ class Shipper:
         self._next_stats_error_log = 0.0
         self._spool_fill = 0.0  # the spool's bytes over SPOOL_BYTES, updated with the counters
         self._failures_seen = 0  # the transport's failed attempts when last_error was set
+        self.accepted_tags = accepted_tags
+        """Settings tags older than this shipper's: their records are sent under its options."""
+        self.restart_for: int | None = None
+        """The settings tag of a record that needs settings this process has not loaded."""
+        self._older_tags_seen: set[int] = set()
 
-    def run(self, should_finish: Callable[[], bool], finish_deadline: float) -> bool:
+    def run(self, should_finish: Callable[[], bool], finish_deadline: float,
+            should_hand_over: Callable[[], bool] = lambda: False) -> bool:
         """Ship until `should_finish()` is true, then deliver what is left (including what
         live producers still append) within `finish_deadline` seconds. True if everything
         read was delivered. The ring stage and the sender threads live as long as this call."""
@@ -145,7 +170,7 @@ class Shipper:
             sender.start()
         self.intake.start()
         try:
-            return drive(self._passes(should_finish, finish_deadline),
+            return drive(self._passes(should_finish, finish_deadline, should_hand_over),
                          self._wants_normal_priority)
         finally:
             self.intake.stop()
@@ -154,8 +179,8 @@ class Shipper:
                 for _ in range(IN_FLIGHT):
                     jobs.put(None)
 
-    def _passes(self, should_finish: Callable[[], bool], finish_deadline: float
-                ) -> Generator[None, None, bool]:
+    def _passes(self, should_finish: Callable[[], bool], finish_deadline: float,
+                should_hand_over: Callable[[], bool]) -> Generator[None, None, bool]:
         """The loop of `run`, yielding after each pass (so that `drive` can move it to a
         thread of another priority)."""
         finish_by: float | None = None
@@ -164,6 +189,8 @@ class Shipper:
             self.reader.heartbeat()  # this loop's: a supervisor kills a shipper stuck here
             self._collect_results(wait=0.0)
             now = time.monotonic()
+            if should_hand_over():
+                return self._hand_over()
             if finish_by is None and should_finish():
                 finish_by = now + finish_deadline
                 self._finishing = self.intake.finishing = True
@@ -171,6 +198,8 @@ class Shipper:
                             "%.0f s", finish_deadline)
             if finish_by is not None and now >= finish_by:
                 return self._give_up()
+            if self.restart_for is not None:
+                return self._stop_for_new_settings()
             if self._in_flight < IN_FLIGHT:
                 work = self._next_work()
                 if work is not None:
@@ -224,13 +253,16 @@ class Shipper:
             batch = work.batch
             for lane, position, size in batch.skipped:
                 self._count_poison(lane, position, size)
-            events, updates = self._decode(batch.records, zip(batch.lanes, batch.positions,
-                                                              strict=True))
+            records, places = batch.records, zip(batch.lanes, batch.positions, strict=True)
             cancel = work.cancel
         else:
             records, places = self._unpoisoned(work)
+            cancel = Stop()
+        try:
             events, updates = self._decode(records, places)
-            cancel = threading.Event()
+        except SettingsChanged as change:
+            self.restart_for = change.tag  # nothing of this batch is sent nor committed
+            return
         requests = [Request(work, EVENTS_PATH, serialize_batch(events), len(events), True,
                             cancel)] if events else []
         requests += [Request(work, path, body, count, False, cancel)
@@ -263,8 +295,8 @@ class Shipper:
                 ) -> tuple[list[bytes], list[EntityUpdate]]:
         """Events (JSON text) and profile updates from records. Each record is named by its
         place (ring lane and position, or the reader's outside lane and spool sequence) in the
-        ring's header while it is decoded and built, so that one that kills the process is
-        skipped by the next one."""
+        ring's header while it is decoded and built, so that one that kills two processes in
+        a row is skipped by the next one."""
         events: list[bytes] = []
         updates: list[EntityUpdate] = []
         mark = self.reader.mark
@@ -276,6 +308,8 @@ class Shipper:
             elif isinstance(record, EntityUpdate):
                 updates.append(record)
             else:
+                if record.settings_tag != self.settings_tag and record.settings_tag:
+                    self._check_settings(record.settings_tag)
                 try:
                     events.append(self.builder.encode(record))
                 except EventDropped:
@@ -286,6 +320,48 @@ class Shipper:
                                    "dropped", exc_info=True)
         self.reader.clear_mark()
         return events, updates
+
+    def _check_settings(self, tag: int) -> None:
+        """A record of settings tag `tag`, not this shipper's: raise SettingsChanged unless
+        those settings are known to be older than this shipper's (logged once per tag)."""
+        if tag not in self.accepted_tags:
+            self.reader.clear_mark()
+            raise SettingsChanged(tag)
+        if tag not in self._older_tags_seen:
+            self._older_tags_seen.add(tag)
+            logger.warning("moesif_fast shipper: events captured under older MOESIF_MIDDLEWARE "
+                           "settings (tag %08x: workers started before the settings changed) "
+                           "are sent under the current ones (tag %08x)", tag, self.settings_tag)
+
+    def _stop_for_new_settings(self) -> bool:
+        """Let the batches in flight settle (up to RESTART_GRACE seconds; what is not settled
+        then stays in the ring or spool), then end `run()` for a restart on new settings."""
+        logger.warning("moesif_fast shipper: workers run other MOESIF_MIDDLEWARE settings (tag "
+                       "%08x, this shipper's %08x); restarting on the settings now on disk",
+                       self.restart_for, self.settings_tag)
+        self._settle_in_flight()
+        return False
+
+    def _hand_over(self) -> bool:
+        """Told to leave the ring to the next shipper (SIGHUP: uWSGI reloads and starts a
+        new one): let the batches in flight settle (up to RESTART_GRACE seconds); everything
+        else stays in the ring or spool for the next shipper. True if nothing was left in
+        flight."""
+        logger.info("moesif_fast shipper: handing over; what is not delivered yet stays in "
+                    "the ring and spool for the next shipper")
+        self._settle_in_flight()
+        return not self._in_flight
+
+    def _settle_in_flight(self) -> None:
+        give_up_at = time.monotonic() + RESTART_GRACE
+        while self._in_flight and time.monotonic() < give_up_at:
+            self._collect_results(wait=0.1)
+        for progress in self._unsettled.values():
+            progress.cancel.set()
+        while self._in_flight and time.monotonic() < give_up_at + 2.0:
+            self._collect_results(wait=0.1)
+        self.refresher.stop()
+        self._publish_stats(force=True)
 
     def _commit(self, work: Work) -> None:
         if isinstance(work, Handoff):
@@ -308,14 +384,14 @@ class Shipper:
     def _count_poison(self, lane: int, position: int, size: int) -> None:
         """A record a previous shipper died (or was killed, hung) decoding or building: it was
         skipped unread, so that it cannot stop delivery again. Each is logged: there is at
-        most one per shipper that died."""
+        most one per two shippers that died."""
         self.counters.poison += 1
         where = (f"the spool record of sequence number {position}"
                  if lane == self.reader.outside_lane
                  else f"the ring record at lane {lane}, position {position}")
-        logger.warning("moesif_fast shipper: skipped %s (%d bytes): the previous shipper died or "
-                       "was killed while decoding it or building its event; it is dropped (%d "
-                       "skipped so far)", where, size, self.counters.poison)
+        logger.warning("moesif_fast shipper: skipped %s (%d bytes): the two previous shippers "
+                       "died or were killed while decoding it or building its event; it is "
+                       "dropped (%d skipped so far)", where, size, self.counters.poison)
 
     def _send_forever(self, jobs: queue.Queue[Request | None], low_priority: bool) -> None:
         """A sender thread: it cannot die with the shipper running (an unexpected error is

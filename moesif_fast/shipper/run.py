@@ -3,9 +3,19 @@
 It loads the same Django settings as the workers (`--settings`, or DJANGO_SETTINGS_MODULE),
 attaches to the ring (`--ring`, or the deployment's default ring, created if needed, which is
 where workers without gunicorn hooks write: the sidecar setup), and ships until SIGTERM/SIGINT,
-until the watched parent (`--parent`, the gunicorn arbiter) is gone, or, with `--idle-exit N`,
-until no producer has been alive and the ring has been empty for N seconds. Then it delivers
-what is left within SHUTDOWN_DEADLINE.
+until the watched parent (`--parent`, the gunicorn arbiter) is gone, or, with `--idle-exit N`
+(the fallback shipper a worker starts), until no producer has been alive for N seconds. Then it
+delivers what is left within SHUTDOWN_DEADLINE; what it cannot deliver by then goes to the
+spool. A fallback shipper then removes what it leaves empty: the ring with its companion files,
+the spool folder, the state folders.
+
+When the loop meets records captured under settings it has not loaded (see `loop.py`), the
+process replaces itself (exec, same pid, same arguments) to load the settings now on disk,
+telling its successor in MOESIF_FAST_OLDER_SETTINGS which settings tags are older than those.
+
+SIGHUP (uWSGI's reloadsignal, see `moesif_fast.uwsgi`) hands over: the batches in flight settle,
+and everything else stays in the ring and spool for the next shipper, without waiting for live
+producers.
 
 Exit codes: 0 done (or another shipper already drains this ring), 1 events were left in the
 ring at the deadline, 2 bad configuration. (Never 3 or 4: older gunicorn arbiters halt on
@@ -17,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from types import FrameType
 
@@ -31,6 +42,8 @@ from .transport import CollectorTransport
 logger = logging.getLogger("moesif_fast.shipper")
 
 EXIT_OK, EXIT_UNDELIVERED, EXIT_BAD_CONFIG = 0, 1, 2
+OLDER_SETTINGS_ENV = "MOESIF_FAST_OLDER_SETTINGS"  # comma-separated settings tags, in hex
+MAX_OLDER_SETTINGS = 32  # tags remembered across restarts (the most recent)
 CHECK_INTERVAL = 1.0  # seconds between checks of the parent and of idleness
 STANDBY_POLL = 1.0  # seconds between attempts of a standby shipper to take the ring
 
@@ -55,15 +68,16 @@ def load_options(settings_module: str | None) -> MoesifOptions | None:
     return options
 
 
-def run_shipper(ring_path: str | None, settings_module: str | None, parent_pid: int | None,
-                idle_exit: float | None) -> int:
+def run_shipper(ring_path: str | None, settings_module: str | None, server: str,
+                parent_pid: int | None, idle_exit: float | None) -> int:
     options = load_options(settings_module)
     if options is None:
         return EXIT_BAD_CONFIG
     if ring_path is None:
         module = os.environ["DJANGO_SETTINGS_MODULE"]
         geometry = ringfile.geometry(options, ringfile.FALLBACK_PRODUCERS)
-        ring = ringfile.open_ring(ringfile.ring_path(options, module, geometry), geometry)
+        ring = ringfile.open_ring(ringfile.ring_path(options, module, geometry, server),
+                                  geometry)
     else:
         ring = RingFile.attach(ring_path)
     transport = CollectorTransport(options.base_uri, options.APPLICATION_ID or "",
@@ -71,25 +85,74 @@ def run_shipper(ring_path: str | None, settings_module: str | None, parent_pid: 
     finish = FinishConditions(ring, ParentWatch(parent_pid), idle_exit)
     signal.signal(signal.SIGTERM, finish.request)
     signal.signal(signal.SIGINT, finish.request)
-    spool_folder = ringfile.spool_folder(options, os.environ["DJANGO_SETTINGS_MODULE"])
+    signal.signal(signal.SIGHUP, finish.hand_over)
+    spool_folder = ringfile.spool_folder(options, os.environ["DJANGO_SETTINGS_MODULE"], server)
     shipper = _become_reader(ring, options, transport, spool_folder,
-                             standby=parent_pid is not None, finish=finish)
+                             standby=parent_pid is not None, finish=finish,
+                             accepted_tags=_older_settings())
     if shipper is None:
         return EXIT_OK
     logger.info("moesif_fast shipper %d: draining %s to %s, spooling to %s", os.getpid(),
                 ring.path, options.base_uri, spool_folder if shipper.spool else "nothing")
+    spooled = 0
     try:
-        delivered_all = shipper.run(finish, options.SHUTDOWN_DEADLINE)
+        delivered_all = shipper.run(finish, options.SHUTDOWN_DEADLINE,
+                                    lambda: finish.handing_over)
+        spooled = shipper.spool.stats().records if shipper.spool is not None else 0
     finally:
         if shipper.spool is not None:
             shipper.spool.close()
         transport.close()
+    if shipper.restart_for is not None and not finish():
+        shipper.reader.close()
+        ring.close()
+        _restart(shipper.accepted_tags | {shipper.settings_tag, shipper.restart_for})
+    if idle_exit is not None:
+        _remove_what_is_empty(shipper, spool_folder if shipper.spool and not spooled else None)
     return EXIT_OK if delivered_all else EXIT_UNDELIVERED
 
 
+def _remove_what_is_empty(shipper: Shipper, empty_spool: str | None) -> None:
+    """A fallback shipper's last step: no file of ours stays behind unless it holds events
+    (`empty_spool`: the spool's folder, if it has one and it holds none)."""
+    shipper.reader.close()
+    shipper.ring.close()
+    left = ringfile.remove_drained(shipper.ring.path)
+    if left is not None:
+        logger.warning("moesif_fast shipper: %d events stay in %s for the next shipper", left,
+                       shipper.ring.path)
+    if empty_spool is not None:
+        for name in os.listdir(empty_spool):
+            private.remove_file(os.path.join(empty_spool, name))
+        ringfile.remove_empty_folder(empty_spool)
+        ringfile.remove_empty_folder(os.path.dirname(empty_spool))
+
+
+def _older_settings() -> frozenset[int]:
+    """The settings tags a predecessor of this process passed on (see `_restart`)."""
+    tags = set()
+    for text in os.environ.get(OLDER_SETTINGS_ENV, "").split(","):
+        try:
+            tags.add(int(text, 16))
+        except ValueError:
+            continue
+    return frozenset(tags)
+
+
+def _restart(older_tags: frozenset[int]) -> None:
+    """Replace this process by a new shipper with the same arguments, which loads the settings
+    now on disk. Records of `older_tags` (this shipper's settings and the ones it restarted
+    for: if the files on disk do not give those, nothing can) are sent under the new ones.
+    Never returns."""
+    tags = ",".join(f"{tag:x}" for tag in sorted(older_tags)[-MAX_OLDER_SETTINGS:])
+    logging.shutdown()  # flush the log before the exec
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+              dict(os.environ, **{OLDER_SETTINGS_ENV: tags}))
+
+
 def _become_reader(ring: RingFile, options: MoesifOptions, transport: CollectorTransport,
-                   spool_folder: str, standby: bool, finish: FinishConditions
-                   ) -> Shipper | None:
+                   spool_folder: str, standby: bool, finish: FinishConditions,
+                   accepted_tags: frozenset[int]) -> Shipper | None:
     """The ring's shipper, or None if another process drains it. A shipper serving a gunicorn
     arbiter waits as a standby while another one holds the ring (a USR2 upgrade runs two
     arbiters for a while) and takes over when it exits; others leave at once."""
@@ -97,7 +160,7 @@ def _become_reader(ring: RingFile, options: MoesifOptions, transport: CollectorT
         spool = None
         try:
             spool = _open_spool(options, spool_folder)
-            return Shipper(ring, options, transport, spool)
+            return Shipper(ring, options, transport, spool, accepted_tags)
         except (RingBusyError, SpoolBusyError) as busy:
             if spool is not None:
                 spool.close()
@@ -134,11 +197,17 @@ class FinishConditions:
         self.parent = parent
         self.idle_exit = idle_exit
         self.requested = False
+        self.handing_over = False
         self._next_check = 0.0
         self._idle_since: float | None = None
 
     def request(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
+
+    def hand_over(self, signum: int, frame: FrameType | None) -> None:
+        """SIGHUP (uWSGI's reloadsignal): leave the ring to the next shipper now, without
+        waiting for live producers."""
+        self.requested = self.handing_over = True
 
     def __call__(self) -> bool:
         if self.requested:
@@ -152,7 +221,7 @@ class FinishConditions:
             return True
         if self.idle_exit is None:
             return False
-        if self.ring.stats().records_in_use or self.ring.owned_lanes():
+        if self.ring.owned_lanes():
             self._idle_since = None
             return False
         self._idle_since = self._idle_since or now
