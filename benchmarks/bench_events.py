@@ -8,9 +8,13 @@ on both sides), with three kinds of 1 KB body: JSON made mostly of one long stri
 
 * decode: `record.decode`, payload → CapturedCall (MessagePack and the record's type checks);
 * encode: `EventBuilder.encode`, CapturedCall → the event's JSON text (header naming, IP, user,
-  times, body detection and JSON validation, writing the text);
+  times, body detection and JSON validation, writing the text), through the compiled extension
+  `moesif_fast._eventjson` when it is built and not forced off;
+* encode-python: the same with the pure-Python path (the builder's compiled encoder removed),
+  side by side in the same run; with the extension missing, both rows are the Python path;
 * batch: `serialize_batch`, BATCH_SIZE JSON events → one JSON array;
-* gzip: level 1, as the transport compresses a batch.
+* gzip: as the transport compresses a batch (`transport.gzip_compress`: ISA-L level 1 where
+  `isal` is installed, else zlib level 1).
 
 Each round runs its stage over EVENTS events, BATCH_SIZE at a time as the shipper does, timed
 with `time.process_time` (CPU of this process only: other processes on the machine do not count,
@@ -20,7 +24,6 @@ median round and from the fastest one.
 
 from __future__ import annotations
 
-import gzip
 import json
 import time
 from collections.abc import Callable
@@ -31,6 +34,7 @@ import pytest
 from moesif_fast.event import EventBuilder, serialize_batch
 from moesif_fast.record import CapturedCall, decode, encode_call, header_columns
 from moesif_fast.settings import MoesifOptions
+from moesif_fast.shipper.transport import gzip_compress
 
 EVENTS = 2_000
 BATCH_SIZE = 25
@@ -43,7 +47,7 @@ BODIES = {
                                                       for number in range(35)]}).encode(),
     "text": b"Lorem ipsum dolor sit amet. " * 36,
 }
-STAGES = ["decode", "encode", "batch", "gzip"]
+STAGES = ["decode", "encode", "encode-python", "batch", "gzip"]
 
 
 def captured_call(number: int, body: bytes) -> bytes:
@@ -62,6 +66,8 @@ def batches(items: list[Any]) -> list[list[Any]]:
 def stage_runs(body: bytes) -> dict[str, Callable[[], object]]:
     """Each stage as a function over all EVENTS, its input prepared outside the timed region."""
     builder = EventBuilder(MoesifOptions())
+    python_builder = EventBuilder(MoesifOptions())
+    python_builder._compiled_encode = None
     records = batches([captured_call(number, body) for number in range(EVENTS)])
     calls: list[list[CapturedCall]] = [[decode(record) for record in batch] for batch in records]
     events = [[builder.encode(call) for call in batch] for batch in calls]
@@ -69,8 +75,10 @@ def stage_runs(body: bytes) -> dict[str, Callable[[], object]]:
     return {
         "decode": lambda: [[decode(record) for record in batch] for batch in records],
         "encode": lambda: [[builder.encode(call) for call in batch] for batch in calls],
+        "encode-python": lambda: [[python_builder.encode(call) for call in batch]
+                                  for batch in calls],
         "batch": lambda: [serialize_batch(batch) for batch in events],
-        "gzip": lambda: [gzip.compress(data, compresslevel=1) for data in bodies],
+        "gzip": lambda: [gzip_compress(data) for data in bodies],
     }
 
 

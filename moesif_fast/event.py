@@ -21,6 +21,10 @@ of building and encoding that value again. The text is written around the body, 
 searched, so no body content can move or fake a field. An event orjson cannot write (a callback
 returned a set, bytes, an integer past 64 bits...) is written as `build` makes it, by the
 standard library.
+
+`encode` first asks the compiled extension `moesif_fast._eventjson` (docs/compiled.md), when it
+is built: it writes the same bytes in C for the common calls and answers None for the others,
+which go the Python way below. MOESIF_FAST_PURE_PYTHON=1 (read at import) leaves it unused.
 """
 
 from __future__ import annotations
@@ -34,14 +38,23 @@ import math
 import time
 import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 from typing import Any
 
 import orjson
 
-from .record import Body, CapturedCall
+from . import PURE_PYTHON
+from .record import FIELD_COUNT, Body, CapturedCall
 from .settings import MoesifOptions
+
+if PURE_PYTHON:
+    _eventjson = None
+else:
+    try:
+        from . import _eventjson
+    except ImportError:  # not built (no compiler at install time): the Python path alone
+        _eventjson = None
 
 INCOMING = "Incoming"
 OUTGOING = "Outgoing"
@@ -125,6 +138,32 @@ class EventBuilder:
         self._header_names: dict[str, str] = {}
         self._user_ids: dict[str, str | None] = {}
         self._addresses: dict[tuple[str, str], str | None] = {}
+        self._compiled_encode = self._compiled_encoder()
+
+    def _compiled_encoder(self) -> Callable[[CapturedCall], bytes | None] | None:
+        """The extension's encode for these options, None when there is none to use (not
+        built, forced off, or MASK_EVENT_MODEL set: the callback needs the Python event)."""
+        if _eventjson is None or self._mask_event_model is not None:
+            return None
+        return _eventjson.Encoder(
+            field_count=FIELD_COUNT,
+            api_version=self._api_version,
+            request_header_masks=self._request_header_masks,
+            response_header_masks=self._response_header_masks,
+            copy_request_body=self._copy_request_body,
+            copy_response_body=self._copy_response_body,
+            authorization_headers=self._authorization_headers,
+            ip_headers=_IP_HEADERS,
+            transaction_header=TRANSACTION_HEADER,
+            max_body_size=self._max_body_size,
+            header_names=self._header_names,
+            user_ids=self._user_ids,
+            addresses=self._addresses,
+            incoming_header_name=self._incoming_header_name,
+            user_id_from_headers=self.user_id_from_headers,
+            client_ip=self.client_ip,
+            new_transaction_id=_new_transaction_id,
+        ).encode
 
     def build(self, call: CapturedCall) -> dict[str, Any]:
         """The event for `call`, keys in wire order. Raises EventDropped when it must not be
@@ -138,6 +177,10 @@ class EventBuilder:
         """`build(call)` as JSON text, always valid: compact UTF-8, copied JSON bodies as the
         client sent them (see the module docstring). A value JSON cannot carry changes only this
         event (`_json_safe`). Raises EventDropped as `build` does."""
+        if self._compiled_encode is not None:
+            text = self._compiled_encode(call)
+            if text is not None:
+                return text
         if self._mask_event_model is not None:
             return _serialize_event(self.build(call))
         event = self._event(call, copy=True)
@@ -205,7 +248,7 @@ class EventBuilder:
             "direction": direction,
             "weight": weight,
             "blocked_by": blocked_by,
-            "transaction_id": transaction_id or str(uuid.uuid4()),
+            "transaction_id": transaction_id or _new_transaction_id(),
         }
 
     def _format_time(self, time_ns: int, incoming: bool) -> str:
@@ -323,6 +366,10 @@ class EventBuilder:
         if problem:  # the collector would refuse the whole batch for it (W9): drop this one
             raise EventDropped("MASK_EVENT_MODEL returned an invalid event", problem)
         return event
+
+
+def _new_transaction_id() -> str:
+    return str(uuid.uuid4())
 
 
 def serialize_batch(events: list[bytes]) -> bytes:

@@ -1,0 +1,1326 @@
+/* moesif_fast._eventjson: a CapturedCall's Moesif event as JSON text, written in C.
+
+`Encoder(...)` holds what one EventBuilder worked out from its options; `Encoder.encode(call)`
+returns the bytes `EventBuilder.encode(call)` returns (orjson's compact UTF-8 text, JSON bodies
+copied as sent), or None for any call it leaves to the Python path (event.py then runs that
+path, the reference): bodies that need gunzip or body masks, JSON bodies it cannot prove orjson
+accepts, strings with lone surrogates, integers past 64 bits, floats orjson formats otherwise
+than repr, values nested deeper than MAX_DEPTH, types other than None, bool, int, float, str,
+dict (str keys), list and tuple, and a call of any unexpected shape. It trusts no length and no
+type in the call: every one is checked before use.
+
+What depends on header text that repeats (header names from META keys, the user id of a token,
+the address in a client-IP header) is read from the builder's own memos; on a miss it calls the
+builder's method, which computes it and fills the memo, so both paths share one implementation
+of those rules. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#define OK 0
+#define DECLINE 1 /* left to the Python path: encode returns None */
+#define ERROR (-1) /* a Python exception is set */
+
+/* Nesting this file writes at most; orjson refuses 255 levels, and the Python path handles
+   the rest. */
+#define MAX_DEPTH 128
+#define MAX_COPIED_CONTAINERS 900 /* event.py's _MAX_COPIED_CONTAINERS */
+/* A copied JSON body's numbers must be below 10**MAX_FINITE_DIGITS, their exponents at most
+   MAX_EXPONENT_DIGITS long: orjson refuses numbers that overflow a double. */
+#define MAX_FINITE_DIGITS 300
+#define MAX_EXPONENT_DIGITS 4
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t field_count;
+    PyObject *api_version;
+    PyObject *request_header_masks;  /* frozenset of lowercase names, or None */
+    PyObject *response_header_masks;
+    int copy_request_body;
+    int copy_response_body;
+    PyObject *authorization_headers; /* tuple of str */
+    PyObject *ip_headers;            /* tuple of str, in order of precedence */
+    PyObject *transaction_header;    /* str */
+    long long max_body_size;         /* -1: not representable, int bodies are declined */
+    PyObject *header_names;          /* the builder's memos (dicts) */
+    PyObject *user_ids;
+    PyObject *addresses;
+    PyObject *incoming_header_name;  /* the builder's methods, called on a memo miss */
+    PyObject *user_id_from_headers;
+    PyObject *client_ip;
+    PyObject *new_transaction_id;    /* () -> a fresh transaction id */
+} Encoder;
+
+/* --- output buffer ------------------------------------------------------------------------ */
+
+typedef struct {
+    char *data;
+    Py_ssize_t length;
+    Py_ssize_t capacity;
+    char inline_data[4096];
+} Buffer;
+
+static void buffer_init(Buffer *buffer)
+{
+    buffer->data = buffer->inline_data;
+    buffer->length = 0;
+    buffer->capacity = sizeof(buffer->inline_data);
+}
+
+static void buffer_free(Buffer *buffer)
+{
+    if (buffer->data != buffer->inline_data)
+        PyMem_Free(buffer->data);
+}
+
+static int reserve(Buffer *buffer, Py_ssize_t extra)
+{
+    if (extra <= buffer->capacity - buffer->length)
+        return OK;
+    if (extra > PY_SSIZE_T_MAX / 2 - buffer->length) {
+        PyErr_NoMemory();
+        return ERROR;
+    }
+    Py_ssize_t capacity = (buffer->length + extra) * 2;
+    char *data;
+    if (buffer->data == buffer->inline_data) {
+        data = PyMem_Malloc((size_t)capacity);
+        if (data != NULL)
+            memcpy(data, buffer->data, (size_t)buffer->length);
+    } else {
+        data = PyMem_Realloc(buffer->data, (size_t)capacity);
+    }
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return ERROR;
+    }
+    buffer->data = data;
+    buffer->capacity = capacity;
+    return OK;
+}
+
+static int write_bytes(Buffer *buffer, const char *bytes, Py_ssize_t length)
+{
+    if (reserve(buffer, length) != OK)
+        return ERROR;
+    memcpy(buffer->data + buffer->length, bytes, (size_t)length);
+    buffer->length += length;
+    return OK;
+}
+
+#define WRITE_LITERAL(buffer, text) write_bytes((buffer), (text), (Py_ssize_t)(sizeof(text) - 1))
+
+/* --- JSON values, as orjson writes them ---------------------------------------------------- */
+
+/* For each byte: 0 if orjson writes it as it is, else the letter of its escape ('u': \u00XX). */
+static const char ESCAPES[256] = {
+    'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'b', 't', 'n', 'u', 'f', 'r', 'u', 'u',
+    'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u',
+    0, 0, '"', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '\\', 0, 0, 0,
+};
+
+static const char HEX_DIGITS[] = "0123456789abcdef";
+
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+static uint64_t load8(const unsigned char *bytes)
+{
+    uint64_t word;
+    memcpy(&word, bytes, 8);
+    return word;
+}
+
+/* Whether none of the 8 bytes in `word` is below 0x20, '"' or '\\' (the bytes JSON escapes;
+   the usual bit tricks for "some byte is zero / less than n", exact for that question). */
+static int escapes_none(uint64_t word)
+{
+    uint64_t quote = word ^ (ONES * '"'), backslash = word ^ (ONES * '\\');
+    uint64_t alarms = ((word - ONES * 0x20) & ~word) | ((quote - ONES) & ~quote)
+                      | ((backslash - ONES) & ~backslash);
+    return (alarms & HIGHS) == 0;
+}
+
+static int write_escaped(Buffer *buffer, const unsigned char *text, Py_ssize_t length)
+{
+    if (length > PY_SSIZE_T_MAX - 2) {
+        PyErr_NoMemory();
+        return ERROR;
+    }
+    if (reserve(buffer, length + 2) != OK)
+        return ERROR;
+    buffer->data[buffer->length++] = '"';
+    Py_ssize_t start = 0;
+    for (Py_ssize_t i = 0; i < length; i++) {
+        while (length - i >= 8 && escapes_none(load8(text + i)))
+            i += 8;
+        if (i >= length)
+            break;
+        char escape = ESCAPES[text[i]];
+        if (escape == 0)
+            continue;
+        char sequence[6] = {'\\', escape, '0', '0', 0, 0};
+        Py_ssize_t size = 2;
+        if (escape == 'u') {
+            sequence[4] = HEX_DIGITS[text[i] >> 4];
+            sequence[5] = HEX_DIGITS[text[i] & 0xf];
+            size = 6;
+        }
+        if (write_bytes(buffer, (const char *)text + start, i - start) != OK
+                || write_bytes(buffer, sequence, size) != OK)
+            return ERROR;
+        start = i + 1;
+    }
+    if (write_bytes(buffer, (const char *)text + start, length - start) != OK)
+        return ERROR;
+    return write_bytes(buffer, "\"", 1);
+}
+
+/* A str; DECLINE for one with a lone surrogate (orjson refuses it). */
+static int write_str(Buffer *buffer, PyObject *text)
+{
+    Py_ssize_t length;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(text, &length);
+    if (utf8 == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+            return ERROR;
+        PyErr_Clear();
+        return DECLINE;
+    }
+    return write_escaped(buffer, (const unsigned char *)utf8, length);
+}
+
+static int write_unsigned(Buffer *buffer, unsigned long long value, int negative)
+{
+    char digits[24];
+    int position = sizeof(digits);
+    do {
+        digits[--position] = (char)('0' + value % 10);
+        value /= 10;
+    } while (value != 0);
+    if (negative)
+        digits[--position] = '-';
+    return write_bytes(buffer, digits + position, (Py_ssize_t)sizeof(digits) - position);
+}
+
+/* An int orjson writes: from -2**63 to 2**64 - 1; DECLINE past that. */
+static int write_int(Buffer *buffer, PyObject *number)
+{
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(number, &overflow);
+    if (overflow == 0) {
+        if (value == -1 && PyErr_Occurred())
+            return ERROR;
+        return value < 0 ? write_unsigned(buffer, 0ULL - (unsigned long long)value, 1)
+                         : write_unsigned(buffer, (unsigned long long)value, 0);
+    }
+    if (overflow < 0)
+        return DECLINE;
+    unsigned long long unsigned_value = PyLong_AsUnsignedLongLong(number);
+    if (unsigned_value == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return ERROR;
+        PyErr_Clear();
+        return DECLINE;
+    }
+    return write_unsigned(buffer, unsigned_value, 0);
+}
+
+/* A float: null when not finite (as orjson); repr otherwise, which is orjson's text except
+   for negative exponents (repr 1e-07, orjson 1e-7; repr 1e-05, orjson 0.00001): DECLINE. */
+static int write_float(Buffer *buffer, PyObject *number)
+{
+    double value = PyFloat_AS_DOUBLE(number);
+    if (!isfinite(value))
+        return WRITE_LITERAL(buffer, "null");
+    char *text = PyOS_double_to_string(value, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (text == NULL)
+        return ERROR;
+    int status = strstr(text, "e-") != NULL ? DECLINE
+                                             : write_bytes(buffer, text, (Py_ssize_t)strlen(text));
+    PyMem_Free(text);
+    return status;
+}
+
+static int write_value(Buffer *buffer, PyObject *value, int depth);
+
+static int write_dict(Buffer *buffer, PyObject *dict, int depth)
+{
+    Py_ssize_t position = 0;
+    PyObject *key, *item;
+    int first = 1;
+    if (write_bytes(buffer, "{", 1) != OK)
+        return ERROR;
+    while (PyDict_Next(dict, &position, &key, &item)) {
+        if (!PyUnicode_CheckExact(key))
+            return DECLINE; /* orjson refuses other keys; the Python path makes them text */
+        int status;
+        if ((!first && write_bytes(buffer, ",", 1) != OK)
+                || (status = write_str(buffer, key)) == ERROR
+                || (status == OK && write_bytes(buffer, ":", 1) != OK))
+            return ERROR;
+        if (status != OK)
+            return status;
+        if ((status = write_value(buffer, item, depth + 1)) != OK)
+            return status;
+        first = 0;
+    }
+    return write_bytes(buffer, "}", 1);
+}
+
+static int write_array(Buffer *buffer, PyObject *sequence, int depth)
+{
+    if (write_bytes(buffer, "[", 1) != OK)
+        return ERROR;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(sequence); i++) {
+        int status;
+        if (i != 0 && write_bytes(buffer, ",", 1) != OK)
+            return ERROR;
+        if ((status = write_value(buffer, PySequence_Fast_GET_ITEM(sequence, i), depth + 1)) != OK)
+            return status;
+    }
+    return write_bytes(buffer, "]", 1);
+}
+
+/* Any value of a plain type, as orjson writes it; DECLINE for everything else. No Python code
+   runs while it writes (exact types only), so no container can change under it. */
+static int write_value(Buffer *buffer, PyObject *value, int depth)
+{
+    if (depth > MAX_DEPTH)
+        return DECLINE;
+    if (value == Py_None)
+        return WRITE_LITERAL(buffer, "null");
+    if (value == Py_True)
+        return WRITE_LITERAL(buffer, "true");
+    if (value == Py_False)
+        return WRITE_LITERAL(buffer, "false");
+    if (PyUnicode_CheckExact(value))
+        return write_str(buffer, value);
+    if (PyLong_CheckExact(value))
+        return write_int(buffer, value);
+    if (PyFloat_CheckExact(value))
+        return write_float(buffer, value);
+    if (PyDict_CheckExact(value))
+        return write_dict(buffer, value, depth);
+    if (PyList_CheckExact(value) || PyTuple_CheckExact(value))
+        return write_array(buffer, value, depth);
+    return DECLINE;
+}
+
+/* --- bodies -------------------------------------------------------------------------------- */
+
+static const char BASE64_DIGITS[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* The two base64 digits of every 12-bit value, filled at import: half the lookups per byte. */
+static char base64_pairs[4096][2];
+
+static void fill_base64_pairs(void)
+{
+    for (int value = 0; value < 4096; value++) {
+        base64_pairs[value][0] = BASE64_DIGITS[value >> 6];
+        base64_pairs[value][1] = BASE64_DIGITS[value & 63];
+    }
+}
+
+/* As binascii.b2a_base64(data, newline=False), in quotes. */
+static int write_base64(Buffer *buffer, const unsigned char *data, Py_ssize_t length)
+{
+    if (length > (PY_SSIZE_T_MAX - 2) / 4 * 3 - 3) {
+        PyErr_NoMemory();
+        return ERROR;
+    }
+    if (reserve(buffer, (length + 2) / 3 * 4 + 2) != OK)
+        return ERROR;
+    char *out = buffer->data + buffer->length;
+    *out++ = '"';
+    Py_ssize_t i = 0;
+    for (; i + 2 < length; i += 3) {
+        unsigned long triple = ((unsigned long)data[i] << 16) | ((unsigned long)data[i + 1] << 8)
+                               | data[i + 2];
+        memcpy(out, base64_pairs[triple >> 12], 2);
+        memcpy(out + 2, base64_pairs[triple & 4095], 2);
+        out += 4;
+    }
+    if (i < length) {
+        unsigned long triple = (unsigned long)data[i] << 16;
+        if (i + 1 < length)
+            triple |= (unsigned long)data[i + 1] << 8;
+        *out++ = BASE64_DIGITS[triple >> 18];
+        *out++ = BASE64_DIGITS[(triple >> 12) & 63];
+        *out++ = i + 1 < length ? BASE64_DIGITS[(triple >> 6) & 63] : '=';
+        *out++ = '=';
+    }
+    *out++ = '"';
+    buffer->length = out - buffer->data;
+    return OK;
+}
+
+static int is_json_space(unsigned char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+static int hex_value(unsigned char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* The code unit of the \uXXXX escape at data[at] (at the backslash), or -1. */
+static long unicode_escape(const unsigned char *data, Py_ssize_t length, Py_ssize_t at)
+{
+    if (length - at < 6 || data[at] != '\\' || data[at + 1] != 'u')
+        return -1;
+    long unit = 0;
+    for (Py_ssize_t i = at + 2; i < at + 6; i++) {
+        int value = hex_value(data[i]);
+        if (value < 0)
+            return -1;
+        unit = unit * 16 + value;
+    }
+    return unit;
+}
+
+/* Length of the well-formed UTF-8 sequence at data[at] (a byte >= 0x80), or 0: no overlong
+   forms, no surrogates, nothing past U+10FFFF. */
+static Py_ssize_t utf8_sequence(const unsigned char *data, Py_ssize_t length, Py_ssize_t at)
+{
+    unsigned char lead = data[at];
+    Py_ssize_t size;
+    unsigned char low = 0x80, high = 0xbf; /* bounds of the second byte */
+    if (lead >= 0xc2 && lead <= 0xdf) {
+        size = 2;
+    } else if (lead >= 0xe0 && lead <= 0xef) {
+        size = 3;
+        if (lead == 0xe0)
+            low = 0xa0;
+        else if (lead == 0xed)
+            high = 0x9f;
+    } else if (lead >= 0xf0 && lead <= 0xf4) {
+        size = 4;
+        if (lead == 0xf0)
+            low = 0x90;
+        else if (lead == 0xf4)
+            high = 0x8f;
+    } else {
+        return 0;
+    }
+    if (length - at < size || data[at + 1] < low || data[at + 1] > high)
+        return 0;
+    for (Py_ssize_t i = at + 2; i < at + size; i++)
+        if (data[i] < 0x80 || data[i] > 0xbf)
+            return 0;
+    return size;
+}
+
+/* End of the JSON string starting at data[at] (a quote), or -1. Lone surrogate escapes are
+   refused, as orjson refuses them. */
+static Py_ssize_t scan_string(const unsigned char *data, Py_ssize_t length, Py_ssize_t at)
+{
+    Py_ssize_t i = at + 1;
+    while (i < length) {
+        uint64_t word;
+        while (length - i >= 8 && ((word = load8(data + i)) & HIGHS) == 0 && escapes_none(word))
+            i += 8; /* 8 ASCII bytes a string holds as they are */
+        if (i >= length)
+            break;
+        unsigned char c = data[i];
+        if (c == '"')
+            return i + 1;
+        if (c < 0x20)
+            return -1;
+        if (c == '\\') {
+            if (i + 1 >= length)
+                return -1;
+            unsigned char kind = data[i + 1];
+            if (kind == 'u') {
+                long unit = unicode_escape(data, length, i);
+                if (unit < 0 || (unit >= 0xdc00 && unit <= 0xdfff))
+                    return -1;
+                i += 6;
+                if (unit >= 0xd800 && unit <= 0xdbff) {
+                    long low = unicode_escape(data, length, i);
+                    if (low < 0xdc00 || low > 0xdfff)
+                        return -1;
+                    i += 6;
+                }
+            } else if (kind != 0 && strchr("\"\\/bfnrt", kind) != NULL) {
+                i += 2;
+            } else {
+                return -1;
+            }
+        } else if (c < 0x80) {
+            i++;
+        } else {
+            Py_ssize_t size = utf8_sequence(data, length, i);
+            if (size == 0)
+                return -1;
+            i += size;
+        }
+    }
+    return -1;
+}
+
+static Py_ssize_t scan_digits(const unsigned char *data, Py_ssize_t length, Py_ssize_t i)
+{
+    while (i < length && data[i] >= '0' && data[i] <= '9')
+        i++;
+    return i;
+}
+
+/* End of the JSON number at data[at], or -1; also -1 for a number that might not be finite as
+   a double (at or past 10**MAX_FINITE_DIGITS, or an exponent of more than
+   MAX_EXPONENT_DIGITS digits). */
+static Py_ssize_t scan_number(const unsigned char *data, Py_ssize_t length, Py_ssize_t at)
+{
+    Py_ssize_t i = at;
+    if (i < length && data[i] == '-')
+        i++;
+    if (i >= length || data[i] < '0' || data[i] > '9')
+        return -1;
+    Py_ssize_t integer_start = i;
+    i = data[i] == '0' ? i + 1 : scan_digits(data, length, i);
+    Py_ssize_t integer_digits = i - integer_start;
+    if (i < length && data[i] == '.') {
+        Py_ssize_t fraction_start = i + 1;
+        i = scan_digits(data, length, fraction_start);
+        if (i == fraction_start)
+            return -1;
+    }
+    long exponent = 0;
+    if (i < length && (data[i] == 'e' || data[i] == 'E')) {
+        i++;
+        int negative = i < length && data[i] == '-';
+        if (i < length && (data[i] == '-' || data[i] == '+'))
+            i++;
+        Py_ssize_t exponent_start = i;
+        i = scan_digits(data, length, exponent_start);
+        if (i == exponent_start || i - exponent_start > MAX_EXPONENT_DIGITS)
+            return -1;
+        for (Py_ssize_t at_digit = exponent_start; at_digit < i; at_digit++)
+            exponent = exponent * 10 + (data[at_digit] - '0');
+        if (negative)
+            exponent = -exponent;
+    }
+    if (integer_digits > MAX_FINITE_DIGITS || integer_digits + exponent > MAX_FINITE_DIGITS)
+        return -1;
+    return i;
+}
+
+/* The "[" and "{" bytes in data, counted up to MAX_COPIED_CONTAINERS (memchr skips the rest
+   of the bytes far faster than a loop over each). */
+static Py_ssize_t count_containers(const unsigned char *data, Py_ssize_t length)
+{
+    Py_ssize_t containers = 0;
+    for (const char *opener = "[{"; *opener != 0; opener++) {
+        const unsigned char *at = data, *end = data + length;
+        while (containers < MAX_COPIED_CONTAINERS
+               && (at = memchr(at, *opener, (size_t)(end - at))) != NULL) {
+            containers++;
+            at++;
+        }
+    }
+    return containers;
+}
+
+/* event.py's _is_copyable_json, or stricter: 1 only for a document orjson accepts (RFC 8259,
+   UTF-8, no lone surrogate escapes, finite numbers) holding fewer "[" and "{" bytes than
+   MAX_COPIED_CONTAINERS. 0 may also mean "not proven": the caller declines then. */
+static int is_copyable_json(const unsigned char *data, Py_ssize_t length)
+{
+    if (count_containers(data, length) >= MAX_COPIED_CONTAINERS)
+        return 0;
+    char closers[MAX_COPIED_CONTAINERS]; /* depth <= containers */
+    int depth = 0;
+    Py_ssize_t i = 0;
+
+value:
+    while (i < length && is_json_space(data[i]))
+        i++;
+    if (i >= length)
+        return 0;
+    switch (data[i]) {
+    case '{':
+        closers[depth++] = '}';
+        i++;
+        while (i < length && is_json_space(data[i]))
+            i++;
+        if (i < length && data[i] == '}') {
+            i++;
+            depth--;
+            goto after_value;
+        }
+        goto key;
+    case '[':
+        closers[depth++] = ']';
+        i++;
+        while (i < length && is_json_space(data[i]))
+            i++;
+        if (i < length && data[i] == ']') {
+            i++;
+            depth--;
+            goto after_value;
+        }
+        goto value;
+    case '"':
+        i = scan_string(data, length, i);
+        break;
+    case 't':
+        i = length - i >= 4 && memcmp(data + i, "true", 4) == 0 ? i + 4 : -1;
+        break;
+    case 'f':
+        i = length - i >= 5 && memcmp(data + i, "false", 5) == 0 ? i + 5 : -1;
+        break;
+    case 'n':
+        i = length - i >= 4 && memcmp(data + i, "null", 4) == 0 ? i + 4 : -1;
+        break;
+    default:
+        i = scan_number(data, length, i);
+    }
+    if (i < 0)
+        return 0;
+    goto after_value;
+
+key: /* after "{" or "," in an object, spaces skipped */
+    if (i >= length || data[i] != '"')
+        return 0;
+    i = scan_string(data, length, i);
+    if (i < 0)
+        return 0;
+    while (i < length && is_json_space(data[i]))
+        i++;
+    if (i >= length || data[i] != ':')
+        return 0;
+    i++;
+    goto value;
+
+after_value:
+    while (i < length && is_json_space(data[i]))
+        i++;
+    if (depth == 0)
+        return i == length;
+    if (i >= length)
+        return 0;
+    if (data[i] == closers[depth - 1]) {
+        i++;
+        depth--;
+        goto after_value;
+    }
+    if (data[i] != ',')
+        return 0;
+    i++;
+    if (closers[depth - 1] == ']')
+        goto value;
+    while (i < length && is_json_space(data[i]))
+        i++;
+    goto key;
+}
+
+/* Whether a str holds ASCII only (before 3.12 a str may need making ready first). */
+static int is_ascii(PyObject *text)
+{
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(text) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+#endif
+    return PyUnicode_IS_ASCII(text) != 0;
+}
+
+static int ascii_equal_ignoring_case(const char *text, const char *lowercase, Py_ssize_t length)
+{
+    for (Py_ssize_t i = 0; i < length; i++) {
+        char c = text[i];
+        if (c >= 'A' && c <= 'Z')
+            c = (char)(c - 'A' + 'a');
+        if (c != lowercase[i])
+            return 0;
+    }
+    return 1;
+}
+
+/* DECLINE when the body must be gunzipped: the first header whose name is content-encoding
+   (any case) has "gzip" (any case) in its value; also for a value that is not ASCII text.
+   A name that is not ASCII never lowercases to "content-encoding" (the only non-ASCII
+   characters Python lowercases to ASCII are U+212A KELVIN SIGN, to "k", and U+0130, to "i"
+   and a combining dot), nor does a value lowercase to "gzip" then. */
+static int check_gzip(PyObject *headers)
+{
+    static const char name[] = "content-encoding";
+    Py_ssize_t position = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(headers, &position, &key, &value)) {
+        if (!PyUnicode_CheckExact(key))
+            return DECLINE;
+        if (!is_ascii(key) || PyUnicode_GET_LENGTH(key) != (Py_ssize_t)sizeof(name) - 1
+                || !ascii_equal_ignoring_case(PyUnicode_DATA(key), name, sizeof(name) - 1))
+            continue;
+        if (!PyUnicode_CheckExact(value) || !is_ascii(value))
+            return DECLINE;
+        const char *text = PyUnicode_DATA(value);
+        Py_ssize_t length = PyUnicode_GET_LENGTH(value);
+        for (Py_ssize_t i = 0; i + 4 <= length; i++)
+            if (ascii_equal_ignoring_case(text + i, "gzip", 4))
+                return DECLINE;
+        return OK;
+    }
+    return OK;
+}
+
+/* The body's JSON value, and its transfer_encoding in *encoding ("json", "base64" or NULL),
+   as event.py's `_body` with `copy`. */
+static int write_body(Encoder *self, Buffer *buffer, PyObject *raw, PyObject *headers,
+                      int copy, int decoded, const char *side, const char **encoding)
+{
+    if (PyLong_CheckExact(raw)) {
+        int overflow;
+        long long size = PyLong_AsLongLongAndOverflow(raw, &overflow);
+        if (size == -1 && PyErr_Occurred())
+            return ERROR;
+        if (overflow != 0 || self->max_body_size < 0)
+            return DECLINE;
+        char message[200];
+        int length = snprintf(message, sizeof(message),
+                              "{\"msg\":\"%s body of %lld bytes not captured: it is larger than "
+                              "MAX_BODY_SIZE (%lld bytes)\"}", side, size, self->max_body_size);
+        if (length < 0 || length >= (int)sizeof(message))
+            return DECLINE;
+        *encoding = "\"json\"";
+        return write_bytes(buffer, message, length);
+    }
+    if (raw == Py_None || (PyBytes_CheckExact(raw) && PyBytes_GET_SIZE(raw) == 0)) {
+        *encoding = "null";
+        return WRITE_LITERAL(buffer, "null");
+    }
+    if (!PyBytes_CheckExact(raw))
+        return DECLINE;
+    if (!decoded) {
+        int status = check_gzip(headers);
+        if (status != OK)
+            return status;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(raw);
+    Py_ssize_t length = PyBytes_GET_SIZE(raw);
+    if (data[0] == '{' || data[0] == '[') {
+        if (!copy || !is_copyable_json(data, length))
+            return DECLINE; /* body masks to apply, or JSON to parse in Python (or base64) */
+        *encoding = "\"json\"";
+        return write_bytes(buffer, (const char *)data, length);
+    }
+    *encoding = "\"base64\"";
+    return write_base64(buffer, data, length);
+}
+
+/* --- times --------------------------------------------------------------------------------- */
+
+/* "YYYY-MM-DDTHH:MM:SS." and 3 (incoming) or 6 fractional digits, UTC, for nanoseconds since
+   the epoch (every int64 falls in years 1677 to 2262). */
+static int write_time(Buffer *buffer, long long time_ns, int incoming)
+{
+    long long seconds = time_ns / 1000000000LL;
+    long long fraction = time_ns % 1000000000LL;
+    if (fraction < 0) {
+        fraction += 1000000000LL;
+        seconds -= 1;
+    }
+    long long days = seconds / 86400, second_of_day = seconds % 86400;
+    if (second_of_day < 0) {
+        second_of_day += 86400;
+        days -= 1;
+    }
+    /* civil_from_days, H. Hinnant's algorithm (proleptic Gregorian calendar) */
+    long long shifted = days + 719468;
+    long long era = (shifted >= 0 ? shifted : shifted - 146096) / 146097;
+    long long day_of_era = shifted - era * 146097;
+    long long year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36524
+                             - day_of_era / 146096) / 365;
+    long long day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    long long month_index = (5 * day_of_year + 2) / 153;
+    long long day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    long long month = month_index < 10 ? month_index + 3 : month_index - 9;
+    long long year = year_of_era + era * 400 + (month <= 2);
+    long long fields[] = {year, month, day, second_of_day / 3600, second_of_day / 60 % 60,
+                          second_of_day % 60, incoming ? fraction / 1000000 : fraction / 1000};
+    static const int widths[] = {4, 2, 2, 2, 2, 2};
+    static const char separators[] = "--T::."; /* after each field but the last */
+    char text[32];
+    int length = 0;
+    text[length++] = '"';
+    for (int field = 0; field < 7; field++) {
+        int width = field < 6 ? widths[field] : incoming ? 3 : 6;
+        for (int place = width - 1; place >= 0; place--) {
+            text[length + place] = (char)('0' + fields[field] % 10);
+            fields[field] /= 10;
+        }
+        length += width;
+        text[length++] = field < 6 ? separators[field] : '"';
+    }
+    return write_bytes(buffer, text, length);
+}
+
+static int time_ns_of(PyObject *value, long long *time_ns)
+{
+    if (!PyLong_CheckExact(value))
+        return DECLINE;
+    int overflow;
+    *time_ns = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (*time_ns == -1 && PyErr_Occurred())
+        return ERROR;
+    return overflow == 0 ? OK : DECLINE;
+}
+
+/* --- headers ------------------------------------------------------------------------------- */
+
+/* A new reference to dict[key], or NULL: not there (*status OK) or an error (*status ERROR). */
+static PyObject *lookup(PyObject *dict, PyObject *key, int *status)
+{
+    PyObject *value = PyDict_GetItemWithError(dict, key);
+    *status = value == NULL && PyErr_Occurred() ? ERROR : OK;
+    Py_XINCREF(value);
+    return value;
+}
+
+static int is_array(PyObject *value)
+{
+    return PyTuple_CheckExact(value) || PyList_CheckExact(value);
+}
+
+/* The request headers as event.py's `_event` has them before masks: for an incoming call
+   `wire_headers` (names from META keys), for an outgoing one dict(zip(names, values)). */
+static int request_headers_of(Encoder *self, PyObject *columns, int incoming, PyObject **out)
+{
+    if (!is_array(columns) || PySequence_Fast_GET_SIZE(columns) != 2)
+        return DECLINE;
+    PyObject *names = PySequence_Fast_GET_ITEM(columns, 0);
+    PyObject *values = PySequence_Fast_GET_ITEM(columns, 1);
+    if (!is_array(names) || !is_array(values)
+            || PySequence_Fast_GET_SIZE(names) != PySequence_Fast_GET_SIZE(values))
+        return DECLINE;
+    PyObject *headers = PyDict_New();
+    if (headers == NULL)
+        return ERROR;
+    int status = OK;
+    for (Py_ssize_t i = 0; status == OK && i < PySequence_Fast_GET_SIZE(names)
+                           && i < PySequence_Fast_GET_SIZE(values); i++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(names, i);
+        if (!PyUnicode_CheckExact(key)) {
+            status = DECLINE;
+            break;
+        }
+        PyObject *name;
+        if (incoming) {
+            name = lookup(self->header_names, key, &status);
+            if (status != OK)
+                break;
+            if (name == NULL || PyUnicode_GET_LENGTH(name) == 0) {
+                Py_XDECREF(name);
+                name = PyObject_CallOneArg(self->incoming_header_name, key);
+                if (name == NULL) {
+                    status = ERROR;
+                    break;
+                }
+            }
+            if (!PyUnicode_CheckExact(name))
+                status = DECLINE;
+        } else {
+            name = Py_NewRef(key);
+        }
+        if (status == OK && PyDict_SetItem(headers, name, PySequence_Fast_GET_ITEM(values, i)) < 0)
+            status = ERROR;
+        Py_DECREF(name);
+    }
+    if (status != OK) {
+        Py_DECREF(headers);
+        return status;
+    }
+    *out = headers;
+    return OK;
+}
+
+/* A new reference to `name` lowercased as str.lower() does it. */
+static PyObject *lowercase(PyObject *name)
+{
+    if (!is_ascii(name))
+        return PyObject_CallMethod(name, "lower", NULL);
+    const char *text = PyUnicode_DATA(name);
+    Py_ssize_t length = PyUnicode_GET_LENGTH(name);
+    Py_ssize_t first_upper = 0;
+    while (first_upper < length && !(text[first_upper] >= 'A' && text[first_upper] <= 'Z'))
+        first_upper++;
+    if (first_upper == length)
+        return Py_NewRef(name);
+    PyObject *lowered = PyUnicode_New(length, 127);
+    if (lowered == NULL)
+        return NULL;
+    char *out = PyUnicode_DATA(lowered);
+    for (Py_ssize_t i = 0; i < length; i++)
+        out[i] = text[i] >= 'A' && text[i] <= 'Z' ? (char)(text[i] - 'A' + 'a') : text[i];
+    return lowered;
+}
+
+/* event.py's `_apply_header_masks`: `headers` itself when there is no mask list, else a new
+   dict with every name lowercased and the masked ones left out. */
+static int apply_header_masks(PyObject *headers, PyObject *masks, PyObject **out)
+{
+    if (masks == Py_None) {
+        *out = Py_NewRef(headers);
+        return OK;
+    }
+    PyObject *masked = PyDict_New();
+    if (masked == NULL)
+        return ERROR;
+    Py_ssize_t position = 0;
+    PyObject *name, *value;
+    while (PyDict_Next(headers, &position, &name, &value)) {
+        if (!PyUnicode_CheckExact(name)) {
+            Py_DECREF(masked);
+            return DECLINE;
+        }
+        PyObject *lowercase_name = lowercase(name);
+        int masked_out = lowercase_name == NULL ? -1 : PySet_Contains(masks, lowercase_name);
+        if (masked_out < 0 || (!masked_out && PyDict_SetItem(masked, lowercase_name, value) < 0)) {
+            Py_XDECREF(lowercase_name);
+            Py_DECREF(masked);
+            return ERROR;
+        }
+        Py_DECREF(lowercase_name);
+    }
+    *out = masked;
+    return OK;
+}
+
+/* dict(pairs) for the response headers: pairs of str. */
+static int response_headers_of(PyObject *pairs, PyObject **out)
+{
+    if (!is_array(pairs))
+        return DECLINE;
+    PyObject *headers = PyDict_New();
+    if (headers == NULL)
+        return ERROR;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(pairs); i++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(pairs, i);
+        if (!is_array(pair) || PySequence_Fast_GET_SIZE(pair) != 2
+                || !PyUnicode_CheckExact(PySequence_Fast_GET_ITEM(pair, 0))) {
+            Py_DECREF(headers);
+            return DECLINE;
+        }
+        if (PyDict_SetItem(headers, PySequence_Fast_GET_ITEM(pair, 0),
+                           PySequence_Fast_GET_ITEM(pair, 1)) < 0) {
+            Py_DECREF(headers);
+            return ERROR;
+        }
+    }
+    *out = headers;
+    return OK;
+}
+
+/* --- user id and client IP ----------------------------------------------------------------- */
+
+/* EventBuilder.user_id_from_headers(headers), from its memo when the token is in it. */
+static int user_id_of(Encoder *self, PyObject *headers, PyObject **out)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->authorization_headers); i++) {
+        int status;
+        PyObject *token = lookup(headers, PyTuple_GET_ITEM(self->authorization_headers, i),
+                                 &status);
+        if (token == NULL) {
+            if (status != OK)
+                return status;
+            continue;
+        }
+        if (!PyUnicode_CheckExact(token)) {
+            Py_DECREF(token);
+            return DECLINE;
+        }
+        if (PyUnicode_GET_LENGTH(token) == 0) {
+            Py_DECREF(token);
+            continue;
+        }
+        *out = lookup(self->user_ids, token, &status);
+        Py_DECREF(token);
+        if (status != OK)
+            return status;
+        if (*out == NULL)
+            *out = PyObject_CallOneArg(self->user_id_from_headers, headers);
+        return *out == NULL ? ERROR : OK;
+    }
+    *out = Py_NewRef(Py_None);
+    return OK;
+}
+
+/* EventBuilder.client_ip(headers, remote_addr), from its memo while every header it reads is
+   in it. */
+static int client_ip_of(Encoder *self, PyObject *headers, PyObject *remote_addr, PyObject **out)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->ip_headers); i++) {
+        PyObject *name = PyTuple_GET_ITEM(self->ip_headers, i);
+        int status;
+        PyObject *value = lookup(headers, name, &status);
+        if (value == NULL) {
+            if (status != OK)
+                return status;
+            continue;
+        }
+        if (!PyUnicode_CheckExact(value)) {
+            Py_DECREF(value);
+            return DECLINE;
+        }
+        if (PyUnicode_GET_LENGTH(value) == 0) {
+            Py_DECREF(value);
+            continue;
+        }
+        PyObject *key = PyTuple_Pack(2, name, value);
+        Py_DECREF(value);
+        if (key == NULL)
+            return ERROR;
+        PyObject *address = lookup(self->addresses, key, &status);
+        Py_DECREF(key);
+        if (status != OK)
+            return status;
+        if (address == NULL) {
+            *out = PyObject_CallFunctionObjArgs(self->client_ip, headers, remote_addr, NULL);
+            return *out == NULL ? ERROR : OK;
+        }
+        if (address == Py_None) {
+            Py_DECREF(address);
+            continue;
+        }
+        if (!PyUnicode_CheckExact(address) || PyUnicode_GET_LENGTH(address) == 0) {
+            Py_DECREF(address);
+            return DECLINE; /* the memo holds an address or None */
+        }
+        *out = address;
+        return OK;
+    }
+    *out = Py_NewRef(remote_addr);
+    return OK;
+}
+
+/* --- the event ----------------------------------------------------------------------------- */
+
+/* What the event is written from, each a new reference (or NULL). */
+typedef struct {
+    PyObject *headers;          /* incoming: by wire names; outgoing: as sent */
+    PyObject *request_headers;  /* masked, with the transaction header */
+    PyObject *response_headers;
+    PyObject *user_id;
+    PyObject *ip_address;
+    PyObject *transaction_id;
+} Parts;
+
+static void parts_clear(Parts *parts)
+{
+    Py_CLEAR(parts->headers);
+    Py_CLEAR(parts->request_headers);
+    Py_CLEAR(parts->response_headers);
+    Py_CLEAR(parts->user_id);
+    Py_CLEAR(parts->ip_address);
+    Py_CLEAR(parts->transaction_id);
+}
+
+#define CHECK(expression)             \
+    do {                              \
+        int status_ = (expression);   \
+        if (status_ != OK)            \
+            return status_;           \
+    } while (0)
+
+static int encode_call(Encoder *self, PyObject *call, Parts *parts, Buffer *buffer)
+{
+    if (!PyTuple_Check(call) || PyTuple_GET_SIZE(call) != self->field_count
+            || self->field_count < 18)
+        return DECLINE;
+#define FIELD(index) PyTuple_GET_ITEM(call, (index))
+    PyObject *direction = FIELD(0);
+    int incoming;
+    if (!PyUnicode_CheckExact(direction))
+        return DECLINE;
+    if (PyUnicode_CompareWithASCIIString(direction, "Incoming") == 0)
+        incoming = 1;
+    else if (PyUnicode_CompareWithASCIIString(direction, "Outgoing") == 0)
+        incoming = 0;
+    else
+        return DECLINE; /* the Python path drops it */
+    long long request_time_ns, response_time_ns;
+    CHECK(time_ns_of(FIELD(1), &request_time_ns));
+    CHECK(time_ns_of(FIELD(2), &response_time_ns));
+    PyObject *remote_addr = FIELD(6);
+    PyObject *transaction_id = FIELD(11);
+    if (transaction_id != Py_None && !PyUnicode_CheckExact(transaction_id))
+        return DECLINE;
+    int has_transaction_id = transaction_id != Py_None && PyUnicode_GET_LENGTH(transaction_id) > 0;
+
+    CHECK(request_headers_of(self, FIELD(5), incoming, &parts->headers));
+    CHECK(apply_header_masks(parts->headers, self->request_header_masks,
+                             &parts->request_headers));
+    /* Without masks request_headers is headers, as in event.py: the header is in both. */
+    if (has_transaction_id
+            && PyDict_SetItem(parts->request_headers, self->transaction_header,
+                              transaction_id) < 0)
+        return ERROR;
+    PyObject *raw_response_headers;
+    CHECK(response_headers_of(FIELD(9), &raw_response_headers));
+    int status = apply_header_masks(raw_response_headers, self->response_header_masks,
+                                     &parts->response_headers);
+    Py_DECREF(raw_response_headers);
+    CHECK(status);
+
+    PyObject *user_id = FIELD(12);
+    if (user_id == Py_None && incoming)
+        CHECK(user_id_of(self, parts->headers, &parts->user_id));
+    else
+        parts->user_id = Py_NewRef(user_id);
+    if (incoming)
+        CHECK(client_ip_of(self, parts->headers, remote_addr, &parts->ip_address));
+    else
+        parts->ip_address = Py_NewRef(Py_None);
+    parts->transaction_id = has_transaction_id ? Py_NewRef(transaction_id)
+                                               : PyObject_CallNoArgs(self->new_transaction_id);
+    if (parts->transaction_id == NULL)
+        return ERROR;
+
+    const char *request_encoding = NULL, *response_encoding = NULL;
+    CHECK(WRITE_LITERAL(buffer, "{\"request\":{\"time\":"));
+    CHECK(write_time(buffer, request_time_ns, incoming));
+    CHECK(WRITE_LITERAL(buffer, ",\"uri\":"));
+    CHECK(write_value(buffer, FIELD(4), 2));
+    CHECK(WRITE_LITERAL(buffer, ",\"verb\":"));
+    CHECK(write_value(buffer, FIELD(3), 2));
+    CHECK(WRITE_LITERAL(buffer, ",\"headers\":"));
+    CHECK(write_value(buffer, parts->request_headers, 2));
+    CHECK(WRITE_LITERAL(buffer, ",\"api_version\":"));
+    CHECK(write_value(buffer, self->api_version, 2));
+    CHECK(WRITE_LITERAL(buffer, ",\"ip_address\":"));
+    CHECK(write_value(buffer, parts->ip_address, 2));
+    CHECK(WRITE_LITERAL(buffer, ",\"body\":"));
+    CHECK(write_body(self, buffer, FIELD(7), parts->request_headers, self->copy_request_body,
+                     0, "request", &request_encoding));
+    CHECK(WRITE_LITERAL(buffer, ",\"transfer_encoding\":"));
+    CHECK(write_bytes(buffer, request_encoding, (Py_ssize_t)strlen(request_encoding)));
+    CHECK(WRITE_LITERAL(buffer, "},\"response\":{\"time\":"));
+    CHECK(write_time(buffer, response_time_ns, incoming));
+    CHECK(WRITE_LITERAL(buffer, ",\"status\":"));
+    CHECK(write_value(buffer, FIELD(8), 2));
+    CHECK(WRITE_LITERAL(buffer, ",\"headers\":"));
+    CHECK(write_value(buffer, parts->response_headers, 2));
+    CHECK(WRITE_LITERAL(buffer, ",\"body\":"));
+    /* an outgoing response body is free of its Content-Encoding already (requests undid it) */
+    CHECK(write_body(self, buffer, FIELD(10), parts->response_headers, self->copy_response_body,
+                     !incoming, "response", &response_encoding));
+    CHECK(WRITE_LITERAL(buffer, ",\"ip_address\":null,\"transfer_encoding\":"));
+    CHECK(write_bytes(buffer, response_encoding, (Py_ssize_t)strlen(response_encoding)));
+    CHECK(WRITE_LITERAL(buffer, "},\"session_token\":"));
+    CHECK(write_value(buffer, FIELD(14), 1));
+    CHECK(WRITE_LITERAL(buffer, ",\"tags\":null,\"user_id\":"));
+    CHECK(write_value(buffer, parts->user_id, 1));
+    CHECK(WRITE_LITERAL(buffer, ",\"company_id\":"));
+    CHECK(write_value(buffer, FIELD(13), 1));
+    CHECK(WRITE_LITERAL(buffer, ",\"metadata\":"));
+    CHECK(write_value(buffer, FIELD(15), 1));
+    CHECK(WRITE_LITERAL(buffer, ",\"direction\":"));
+    CHECK(write_value(buffer, direction, 1));
+    CHECK(WRITE_LITERAL(buffer, ",\"weight\":"));
+    CHECK(write_value(buffer, FIELD(16), 1));
+    CHECK(WRITE_LITERAL(buffer, ",\"blocked_by\":"));
+    CHECK(write_value(buffer, FIELD(17), 1));
+    CHECK(WRITE_LITERAL(buffer, ",\"transaction_id\":"));
+    CHECK(write_value(buffer, parts->transaction_id, 1));
+    return WRITE_LITERAL(buffer, "}");
+#undef FIELD
+}
+
+static PyObject *Encoder_encode(Encoder *self, PyObject *call)
+{
+    if (self->new_transaction_id == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Encoder was not initialised");
+        return NULL;
+    }
+    Buffer buffer;
+    Parts parts = {NULL, NULL, NULL, NULL, NULL, NULL};
+    buffer_init(&buffer);
+    int status = encode_call(self, call, &parts, &buffer);
+    parts_clear(&parts);
+    PyObject *result = status == OK ? PyBytes_FromStringAndSize(buffer.data, buffer.length)
+                       : status == DECLINE ? Py_NewRef(Py_None) : NULL;
+    buffer_free(&buffer);
+    return result;
+}
+
+/* --- the type ------------------------------------------------------------------------------ */
+
+static int check_str_tuple(PyObject *tuple, const char *what)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tuple); i++) {
+        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(tuple, i))) {
+            PyErr_Format(PyExc_TypeError, "%s must be a tuple of str", what);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int check_masks(PyObject *masks, const char *what)
+{
+    if (masks != Py_None && !PyFrozenSet_CheckExact(masks)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a frozenset or None", what);
+        return -1;
+    }
+    return 0;
+}
+
+static int Encoder_init(Encoder *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {
+        "field_count", "api_version", "request_header_masks", "response_header_masks",
+        "copy_request_body", "copy_response_body", "authorization_headers", "ip_headers",
+        "transaction_header", "max_body_size", "header_names", "user_ids", "addresses",
+        "incoming_header_name", "user_id_from_headers", "client_ip", "new_transaction_id", NULL,
+    };
+    Py_ssize_t field_count;
+    int copy_request_body, copy_response_body;
+    PyObject *api_version, *request_header_masks, *response_header_masks;
+    PyObject *authorization_headers, *ip_headers, *transaction_header, *max_body_size;
+    PyObject *header_names, *user_ids, *addresses;
+    PyObject *incoming_header_name, *user_id_from_headers, *client_ip, *new_transaction_id;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "$nOOOppO!O!UOO!O!O!OOOO", keywords, &field_count, &api_version,
+            &request_header_masks, &response_header_masks, &copy_request_body,
+            &copy_response_body, &PyTuple_Type, &authorization_headers, &PyTuple_Type,
+            &ip_headers, &transaction_header, &max_body_size, &PyDict_Type, &header_names,
+            &PyDict_Type, &user_ids, &PyDict_Type, &addresses, &incoming_header_name,
+            &user_id_from_headers, &client_ip, &new_transaction_id))
+        return -1;
+    if (check_masks(request_header_masks, "request_header_masks") < 0
+            || check_masks(response_header_masks, "response_header_masks") < 0
+            || check_str_tuple(authorization_headers, "authorization_headers") < 0
+            || check_str_tuple(ip_headers, "ip_headers") < 0)
+        return -1;
+    long long body_limit = -1;
+    if (PyLong_CheckExact(max_body_size)) {
+        int overflow;
+        body_limit = PyLong_AsLongLongAndOverflow(max_body_size, &overflow);
+        if (body_limit == -1 && PyErr_Occurred())
+            return -1;
+        if (overflow != 0 || body_limit < 0)
+            body_limit = -1;
+    }
+    self->field_count = field_count;
+    self->copy_request_body = copy_request_body;
+    self->copy_response_body = copy_response_body;
+    self->max_body_size = body_limit;
+    Py_XSETREF(self->api_version, Py_NewRef(api_version));
+    Py_XSETREF(self->request_header_masks, Py_NewRef(request_header_masks));
+    Py_XSETREF(self->response_header_masks, Py_NewRef(response_header_masks));
+    Py_XSETREF(self->authorization_headers, Py_NewRef(authorization_headers));
+    Py_XSETREF(self->ip_headers, Py_NewRef(ip_headers));
+    Py_XSETREF(self->transaction_header, Py_NewRef(transaction_header));
+    Py_XSETREF(self->header_names, Py_NewRef(header_names));
+    Py_XSETREF(self->user_ids, Py_NewRef(user_ids));
+    Py_XSETREF(self->addresses, Py_NewRef(addresses));
+    Py_XSETREF(self->incoming_header_name, Py_NewRef(incoming_header_name));
+    Py_XSETREF(self->user_id_from_headers, Py_NewRef(user_id_from_headers));
+    Py_XSETREF(self->client_ip, Py_NewRef(client_ip));
+    Py_XSETREF(self->new_transaction_id, Py_NewRef(new_transaction_id));
+    return 0;
+}
+
+/* The callables are the builder's bound methods, and the builder holds this encoder: a cycle
+   the garbage collector must see. */
+static int Encoder_traverse(Encoder *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->api_version);
+    Py_VISIT(self->request_header_masks);
+    Py_VISIT(self->response_header_masks);
+    Py_VISIT(self->authorization_headers);
+    Py_VISIT(self->ip_headers);
+    Py_VISIT(self->transaction_header);
+    Py_VISIT(self->header_names);
+    Py_VISIT(self->user_ids);
+    Py_VISIT(self->addresses);
+    Py_VISIT(self->incoming_header_name);
+    Py_VISIT(self->user_id_from_headers);
+    Py_VISIT(self->client_ip);
+    Py_VISIT(self->new_transaction_id);
+    return 0;
+}
+
+static int Encoder_clear(Encoder *self)
+{
+    Py_CLEAR(self->api_version);
+    Py_CLEAR(self->request_header_masks);
+    Py_CLEAR(self->response_header_masks);
+    Py_CLEAR(self->authorization_headers);
+    Py_CLEAR(self->ip_headers);
+    Py_CLEAR(self->transaction_header);
+    Py_CLEAR(self->header_names);
+    Py_CLEAR(self->user_ids);
+    Py_CLEAR(self->addresses);
+    Py_CLEAR(self->incoming_header_name);
+    Py_CLEAR(self->user_id_from_headers);
+    Py_CLEAR(self->client_ip);
+    Py_CLEAR(self->new_transaction_id);
+    return 0;
+}
+
+static void Encoder_dealloc(Encoder *self)
+{
+    PyObject_GC_UnTrack(self);
+    Encoder_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Encoder_methods[] = {
+    {"encode", (PyCFunction)Encoder_encode, METH_O,
+     "encode(call) -> bytes | None: EventBuilder.encode(call), or None to use the Python path."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EncoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "moesif_fast._eventjson.Encoder",
+    .tp_doc = "The compiled EventBuilder.encode for one builder's options (see event.py).",
+    .tp_basicsize = sizeof(Encoder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Encoder_init,
+    .tp_dealloc = (destructor)Encoder_dealloc,
+    .tp_traverse = (traverseproc)Encoder_traverse,
+    .tp_clear = (inquiry)Encoder_clear,
+    .tp_methods = Encoder_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "moesif_fast._eventjson",
+    .m_doc = "A CapturedCall's Moesif event as JSON text, in C (see event.py).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__eventjson(void)
+{
+    fill_base64_pairs();
+    if (PyType_Ready(&EncoderType) < 0)
+        return NULL;
+    PyObject *result = PyModule_Create(&module);
+    if (result == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(result, "Encoder", (PyObject *)&EncoderType) < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+}
