@@ -18,14 +18,17 @@ import logging
 import operator
 import random
 import re
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from types import CodeType, FunctionType, ModuleType
+from typing import Any, NamedTuple
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings as django_settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.functional import SimpleLazyObject
+from django.utils.functional import empty as lazy_empty
 
 from . import entities, outgoing, settings
 from .event import EventBuilder
@@ -348,6 +351,8 @@ class MoesifMiddleware:
             if user_id:
                 return user_id
         try:
+            if user is None and _session_user_is_anonymous(request):
+                return None  # what evaluating request.user would give, without its work
             # request.user is absent without AuthenticationMiddleware. Under ASGI it arrives
             # resolved by auser(): evaluating the lazy object would query synchronously.
             user = user or getattr(request, "user", None)
@@ -466,6 +471,118 @@ def _either(blocked: HttpResponseBase | None, response: HttpResponseBase) -> Htt
     with contextlib.suppress(Exception):  # the app's own close() failing must not undo it
         response.close()
     return blocked
+
+
+class _SessionAuth(NamedTuple):
+    """Django's session authentication as this process runs it: the functions evaluating
+    `request.user` calls (checked by identity on every use: a test's mock.patch or an app's
+    monkeypatch disables the shortcut), and the session class attributes it relies on."""
+
+    middleware: ModuleType  # django.contrib.auth.middleware
+    auth: ModuleType  # django.contrib.auth
+    lazy_user_code: CodeType  # of AuthenticationMiddleware's `lambda: get_user(request)`
+    middleware_get_user: Callable[..., Any]
+    get_user: Callable[..., Any]
+    get_user_session_key: Callable[..., Any]
+    get_user_model: Callable[..., Any]
+    session_key: str  # SESSION_KEY
+    session_base: type  # django.contrib.sessions.backends.base.SessionBase
+
+
+_session_auth: _SessionAuth | None = None
+_session_auth_resolved = False
+_plain_session_types: dict[type, bool] = {}  # session class: reads its data as SessionBase
+
+
+def _session_user_is_anonymous(request: HttpRequest) -> bool:
+    """True when evaluating `request.user` now would certainly give Django's AnonymousUser
+    with no other effect than marking the session accessed (done here, so that
+    SessionMiddleware still adds `Vary: Cookie` to the response): request.user is still the
+    lazy object Django's AuthenticationMiddleware set, the functions it would call are
+    Django's own, and the session holds no user id and has no key to load one with (a client
+    that sent no session cookie). The view and other middleware evaluate it later as they
+    would have (to the same AnonymousUser); this only saves capture the evaluation: the
+    session, the user model lookup, a KeyError and an AnonymousUser (7 to 10 µs in process,
+    about 20 µs of a gunicorn worker's CPU under load; tests/test_worker_cost.py checks it
+    against the evaluation). False (evaluate it) in any other case, and whenever in doubt."""
+    user = request.__dict__.get("user")
+    if type(user) is not SimpleLazyObject:
+        return False  # no auth middleware, an already real user, or another lazy type
+    try:
+        state = object.__getattribute__(user, "__dict__")
+        setup = state.get("_setupfunc")
+        if state.get("_wrapped") is not lazy_empty or hasattr(request, "_cached_user") \
+                or getattr(setup, "__code__", None) is None:
+            return False  # evaluated already (cheap to read), or not Django's lazy user
+        known = _session_auth if _session_auth_resolved else _resolve_session_auth()
+        if (known is None or setup.__code__ is not known.lazy_user_code
+                or setup.__closure__ is None
+                or setup.__closure__[0].cell_contents is not request
+                or known.middleware.get_user is not known.middleware_get_user
+                or known.auth.get_user is not known.get_user
+                or known.auth._get_user_session_key is not known.get_user_session_key
+                or known.auth.get_user_model is not known.get_user_model
+                or known.session_key != known.auth.SESSION_KEY):
+            return False
+        session = request.__dict__.get("session")
+        kind = type(session)
+        plain = _plain_session_types.get(kind)
+        if plain is None:
+            plain = _plain_session_types[kind] = _reads_as_session_base(kind, known)
+        if not plain:
+            return False
+        data = session.__dict__.get("_session_cache")
+        if data is None:
+            if session.session_key is not None:
+                return False  # the session would be loaded (a query): it may hold a user
+        elif type(data) is not dict or known.session_key in data:
+            return False
+        session.accessed = True  # SessionBase._get_session's one lasting effect here
+        return True
+    except Exception:
+        return False
+
+
+def _resolve_session_auth() -> _SessionAuth | None:
+    """The functions of Django's session authentication, once per process, if they are
+    Django's own (their modules are imported already: only AuthenticationMiddleware can have
+    set the lazy user checked); None when anything is not as expected: the shortcut is then
+    never taken in this process."""
+    global _session_auth, _session_auth_resolved
+    _session_auth_resolved = True
+    try:
+        middleware = sys.modules["django.contrib.auth.middleware"]
+        auth = sys.modules["django.contrib.auth"]
+        sessions = sys.modules["django.contrib.sessions.backends.base"]
+        lazy_user_code = next(
+            code for code in
+            middleware.AuthenticationMiddleware.process_request.__code__.co_consts
+            if isinstance(code, CodeType) and code.co_name == "<lambda>")
+        functions = (middleware.get_user, auth.get_user, auth._get_user_session_key,
+                     auth.get_user_model)
+        for function, module in zip(functions, (middleware, auth, auth, auth), strict=False):
+            if (type(function) is not FunctionType or function.__module__ != module.__name__
+                    or function.__code__.co_filename != module.__file__):
+                return None  # replaced (a mock, a wrapper)
+        if "get_user" not in lazy_user_code.co_names or lazy_user_code.co_freevars != (
+                "request",):
+            return None
+        auth.get_user_model()  # raises if AUTH_USER_MODEL is not installed
+        import django.contrib.auth.models  # noqa: F401 - get_user imports it: it must load
+        _session_auth = _SessionAuth(middleware, auth, lazy_user_code, *functions,
+                                     auth.SESSION_KEY, sessions.SessionBase)
+    except Exception:
+        return None
+    return _session_auth
+
+
+def _reads_as_session_base(kind: type, known: _SessionAuth) -> bool:
+    """True when `kind` is a session class whose `session[key]` reads its data as
+    SessionBase does: the loaded dict, or an empty one (no load) when it has no key."""
+    base = known.session_base
+    return isinstance(kind, type) and issubclass(kind, base) and all(
+        getattr(kind, name, None) is getattr(base, name)
+        for name in ("__getitem__", "_session", "_get_session", "session_key"))
 
 
 async def _resolved_user(request: HttpRequest) -> Any:
