@@ -106,7 +106,7 @@ def test_sixty_seconds_of_saturation_then_sigterm(start_server: StartServer,
 
 def test_what_the_deadline_leaves_is_kept_in_the_spool_and_sent_by_the_next_start(
         start_server: StartServer, collector: Collector) -> None:
-    options = {"SHUTDOWN_DEADLINE": 1}
+    options = {"SHUTDOWN_DEADLINE": 1, "BATCH_SIZE": 25}  # small batches: most stay undelivered
     server = start_server(workers=2, options=options)
     collector.set_faults({"delay_s": 1.5})  # each batch is slow: the deadline cuts delivery
     exchanges = send_requests(server.url, 3000)
@@ -126,7 +126,7 @@ def test_what_the_deadline_leaves_is_kept_in_the_spool_and_sent_by_the_next_star
 
 def test_a_corrupted_spool_segment_loses_only_its_damaged_records(
         start_server: StartServer, collector: Collector) -> None:
-    options = {"SHUTDOWN_DEADLINE": 1}
+    options = {"SHUTDOWN_DEADLINE": 1, "BATCH_SIZE": 25}  # small batches: most stay undelivered
     server = start_server(workers=2, options=options)
     collector.set_faults({"delay_s": 1.5})
     exchanges = send_requests(server.url, 3000)
