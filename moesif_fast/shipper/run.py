@@ -43,7 +43,7 @@ logger = logging.getLogger("moesif_fast.shipper")
 
 EXIT_OK, EXIT_UNDELIVERED, EXIT_BAD_CONFIG = 0, 1, 2
 OLDER_SETTINGS_ENV = "MOESIF_FAST_OLDER_SETTINGS"  # comma-separated settings tags, in hex
-MAX_OLDER_SETTINGS = 32  # tags remembered across restarts (the most recent)
+MAX_OLDER_SETTINGS = 32  # tags passed on across restarts, the two of the last one first
 CHECK_INTERVAL = 1.0  # seconds between checks of the parent and of idleness
 STANDBY_POLL = 1.0  # seconds between attempts of a standby shipper to take the ring
 
@@ -106,7 +106,8 @@ def run_shipper(ring_path: str | None, settings_module: str | None, server: str,
     if shipper.restart_for is not None and not finish():
         shipper.reader.close()
         ring.close()
-        _restart(shipper.accepted_tags | {shipper.settings_tag, shipper.restart_for})
+        _restart([shipper.restart_for, shipper.settings_tag,
+                  *shipper.accepted_tags - {shipper.restart_for, shipper.settings_tag}])
     if idle_exit is not None:
         _remove_what_is_empty(shipper, spool_folder if shipper.spool and not spooled else None)
     return EXIT_OK if delivered_all else EXIT_UNDELIVERED
@@ -139,12 +140,12 @@ def _older_settings() -> frozenset[int]:
     return frozenset(tags)
 
 
-def _restart(older_tags: frozenset[int]) -> None:
+def _restart(older_tags: list[int]) -> None:
     """Replace this process by a new shipper with the same arguments, which loads the settings
-    now on disk. Records of `older_tags` (this shipper's settings and the ones it restarted
-    for: if the files on disk do not give those, nothing can) are sent under the new ones.
+    now on disk. Records of `older_tags` (the tag it restarted for, its own, then those it was
+    given: if the files on disk do not give those, nothing can) are sent under the new ones.
     Never returns."""
-    tags = ",".join(f"{tag:x}" for tag in sorted(older_tags)[-MAX_OLDER_SETTINGS:])
+    tags = ",".join(f"{tag:x}" for tag in older_tags[:MAX_OLDER_SETTINGS])
     logging.shutdown()  # flush the log before the exec
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
               dict(os.environ, **{OLDER_SETTINGS_ENV: tags}))
