@@ -147,6 +147,14 @@ class Reader:
         """True when some lane holds records this reader has not read yet."""
         return any(self._load_tail(lane) != self._positions[lane] for lane in self._lanes)
 
+    def unread(self) -> float:
+        """How much of the lane with the most unread bytes they take, 0.0 to 1.0: what the
+        workers appended since this reader last read, over the lane's capacity."""
+        words, most = self._words, 0
+        for lane, control in enumerate(self._controls):
+            most = max(most, words[control + TAIL] - self._positions[lane])
+        return min(most / self._capacity, 1.0)
+
     def fill(self) -> float:
         """How full the fullest lane is, 0.0 to 1.0: the larger of its bytes and its records
         in use (read or not, until committed) over the lane's limits."""

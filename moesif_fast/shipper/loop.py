@@ -49,7 +49,7 @@ from ..ringfile import policy_snapshot_path, shipper_stats_path
 from ..settings import MoesifOptions
 from ..spool import Spool, SpoolBatch
 from .drops import DropReport
-from .intake import LINGER, MAX_BATCH_BYTES, Handoff, RingIntake
+from .intake import MAX_BATCH_BYTES, Handoff, RingIntake
 from .priority import CatchUp, drive, lower_this_thread
 from .refresh import PolicyRefresher
 from .transport import CollectorTransport, Outcome, Stop
@@ -58,7 +58,7 @@ logger = logging.getLogger("moesif_fast.shipper")
 
 EVENTS_PATH = "/v1/events/batch"
 IN_FLIGHT = 4  # batches being sent at once
-IDLE_POLL = 0.05  # seconds between polls when there is nothing to send
+IDLE_POLL = 0.25  # seconds between passes with nothing to send (a handoff wakes the loop)
 STATS_INTERVAL = 1.0
 RESTART_GRACE = 5.0  # seconds batches in flight may take to settle before a settings restart
 UNREADABLE_LOG_INTERVAL = 60.0  # seconds between two warnings of one kind (unreadable records,
@@ -143,7 +143,9 @@ class Shipper:
         # Requests for the senders at low priority and at the process's; None stops a sender.
         self._low_jobs: queue.Queue[Request | None] = queue.Queue()
         self._normal_jobs: queue.Queue[Request | None] = queue.Queue()
-        self._done: queue.Queue[tuple[Request, Outcome]] = queue.Queue()
+        self._done: queue.Queue[tuple[Request, Outcome] | None] = queue.Queue()
+        """Senders' results, and None from the ring stage when it hands a batch over."""
+        self.intake.on_handoff = lambda: self._done.put(None)
         self._unsettled: dict[Work, BatchProgress] = {}  # batches with requests in flight
         self._in_flight = 0
         self._next_stats = 0.0
@@ -212,7 +214,7 @@ class Shipper:
                 self._publish_stats(force=True)
                 return True
             self._publish_stats()
-            self._collect_results(wait=LINGER / 5 if self._in_flight else IDLE_POLL)
+            self._collect_results(wait=IDLE_POLL)
 
     def _next_work(self) -> Work | None:
         """The next batch to send: from the ring stage, else from the spool."""
@@ -415,7 +417,8 @@ class Shipper:
         except queue.Empty:
             return
         while True:
-            self._settle(*result)
+            if result is not None:  # None: the ring stage handed a batch over
+                self._settle(*result)
             try:
                 result = self._done.get_nowait()
             except queue.Empty:
