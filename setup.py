@@ -10,4 +10,6 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("moesif_fast._eventjson", ["moesif_fast/_eventjson.c"], optional=True,
               extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra"]),
+    Extension("moesif_fast.ringbuffer._lane", ["moesif_fast/ringbuffer/_lane.c"], optional=True,
+              extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra"]),
 ])

@@ -12,6 +12,10 @@ lock) and from a signal handler that interrupts an append (the nested call drops
 instead of deadlocking). After `fork()` the child drops the parent's lane and claims its own:
 an `os.register_at_fork` hook resets every live producer in the child (so `append` need not
 compare process ids, a system call, on every record).
+
+The write and publish of a record (`_append`) run in C (`_lane.append`, the same bytes and
+counts, and a release store for the publish) when the extension is built, the ring publishes
+with plain stores, and MOESIF_FAST_PURE_PYTHON is not 1; the Python code is the reference.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import threading
 import time
 import weakref
 
+from .. import PURE_PYTHON
 from .layout import (
     APPENDED,
     CONSUMED,
@@ -42,6 +47,14 @@ from .layout import (
     try_lock,
 )
 
+if PURE_PYTHON:
+    _lane = None
+else:
+    try:
+        from . import _lane
+    except ImportError:  # not built (no compiler at install): the Python path
+        _lane = None
+
 OVERFLOW_ATTEMPTS = 20  # non-blocking tries of the overflow lock before dropping as busy
 
 
@@ -60,6 +73,7 @@ class Producer:
         self._bytes = ring.bytes
         self._words = ring.words
         self._locked_publish = ring.locked_publish
+        self._compiled_append = None if _lane is None or ring.locked_publish else _lane.append
         # (index of the lane's first control word, byte offset of its data) for every lane
         self._lanes = [(ring.control_word(lane, 0), ring.lane_offset(lane))
                        for lane in range(geometry.lane_count)]
@@ -109,8 +123,11 @@ class Producer:
     def _append(self, lane: int, record: bytes, size: int) -> bool:
         """Write and publish `record` in `lane`, which this process owns (or holds the overflow
         lock of). The only store another process can observe before the tail is the payload."""
-        words = self._words
         control, base = self._lanes[lane]
+        if self._compiled_append is not None:
+            return self._compiled_append(self._bytes, control, base, self._capacity,
+                                         self._max_record, self._max_records, record)
+        words = self._words
         if size > self._max_record:
             bump(words, control + DROPPED_OVERSIZE)
             return False

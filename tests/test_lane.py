@@ -1,0 +1,174 @@
+"""The compiled lane append (`ringbuffer._lane`) against the Python one, its reference: the
+same sequence of appends, reads and commits on two rings of one geometry leaves byte-identical
+rings and the same results, including on lanes a hostile process damaged."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moesif_fast import PURE_PYTHON, PURE_PYTHON_ENV
+from moesif_fast.ringbuffer import Geometry, Producer, Reader, RingFile
+from moesif_fast.ringbuffer import producer as producer_module
+from moesif_fast.ringbuffer.layout import (
+    APPENDED,
+    CONSUMED,
+    DROPPED_FULL,
+    DROPPED_OVERSIZE,
+    HEAD,
+    TAIL,
+)
+
+pytestmark = pytest.mark.skipif(producer_module._lane is None,
+                                reason="the compiled lane append is not built or forced off")
+
+GEOMETRY = Geometry(2, 1 << 16, 8)  # small lanes: wrapping, full lanes and the record limit
+CONTROL_WORDS = 19  # of a lane: TAIL .. CORRUPT_RESETS
+
+
+class Pair:
+    """Two rings driven alike: one through the compiled append, one through Python's."""
+
+    def __init__(self, directory: str) -> None:
+        self.rings = [RingFile.create(os.path.join(directory, name), GEOMETRY,
+                                      locked_publish=False) for name in ("c", "python")]
+        self.producers = [Producer(ring, preferred_lane=0) for ring in self.rings]
+        self.producers[1]._compiled_append = None
+        self.readers = [Reader(ring) for ring in self.rings]
+
+    def append(self, record: bytes) -> bool:
+        results = [producer.append(record) for producer in self.producers]
+        assert results[0] == results[1]
+        return results[0]
+
+    def read_and_commit(self, records: int) -> None:
+        batches = [reader.read(records, 1 << 20) for reader in self.readers]
+        assert batches[0].records == batches[1].records
+        for reader, batch in zip(self.readers, batches, strict=True):
+            reader.commit(batch)
+
+    def poke(self, word: int, value: int) -> None:
+        """What a hostile process with write access could do to a control word of lane 0."""
+        for ring in self.rings:
+            ring.words[ring.control_word(0, word)] = value
+
+    def assert_identical(self) -> None:
+        """Every lane's control words and data (the global header differs: its creation time
+        and the readers' heartbeats)."""
+        for lane in range(GEOMETRY.lane_count):
+            c_ring, python_ring = self.rings
+            control, data = c_ring.control_word(lane, 0), c_ring.lane_offset(lane)
+            assert c_ring.words[control:control + CONTROL_WORDS].tolist() == \
+                python_ring.words[control:control + CONTROL_WORDS].tolist()
+            end = data + GEOMETRY.lane_capacity
+            assert c_ring.bytes[data:end] == python_ring.bytes[data:end]
+
+    def close(self) -> None:
+        for producer, reader, ring in zip(self.producers, self.readers, self.rings, strict=True):
+            producer.close()
+            reader.close()
+            ring.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    with tempfile.TemporaryDirectory() as directory:
+        rings = Pair(directory)
+        yield rings
+        rings.close()
+
+
+def test_appends_wraps_full_lanes_and_oversize_records_match_python(pair: Pair) -> None:
+    random_bytes = random.Random(7).randbytes
+    published = 0
+    for number in range(3_000):
+        size = (0, 1, 15, 16, 17, 1000, 5000, GEOMETRY.max_record,
+                GEOMETRY.max_record + 1)[number % 9]
+        published += pair.append(random_bytes(size))
+        if number % 7 == 0:
+            pair.read_and_commit(number % 11)
+        pair.assert_identical()
+    ring = pair.rings[0]
+    counts = [ring.words[ring.control_word(0, word)]
+              for word in (APPENDED, DROPPED_FULL, DROPPED_OVERSIZE)]
+    assert counts[0] == published and counts[1] > 0 and counts[2] > 0  # every path was taken
+
+
+LIMIT = 1 << 62  # layout.POSITION_LIMIT
+
+
+@pytest.mark.parametrize("tail, head, appended, consumed", [
+    (LIMIT - 16, LIMIT - 16, 0, 0),  # the last position a lane can publish from
+    (LIMIT, LIMIT, 0, 0),  # past it: damaged
+    (32, 48, 0, 0),  # tail behind head
+    (40, 32, 0, 0),  # misaligned
+    (1 << 16, 0, 0, 0),  # exactly full in bytes
+    ((1 << 16) - 32, 0, 0, 0),  # room for one small record only
+    (64, 64, 7, 0),  # one record below the record limit
+    (64, 64, 8, 0),  # at the record limit
+    (64, 64, 3, 5),  # more consumed than appended: damaged counters, not full
+    (64, 64, (1 << 64) - 1, (1 << 64) - 9),  # counters about to wrap
+])
+def test_lane_states_at_every_boundary_match_python(pair: Pair, tail: int, head: int,
+                                                    appended: int, consumed: int) -> None:
+    pair.append(b"first")  # claims lane 0 in both
+    for word, value in ((TAIL, tail), (HEAD, head), (APPENDED, appended), (CONSUMED, consumed)):
+        pair.poke(word, value)
+    for size in (1, 16, 100, 40_000):
+        pair.append(bytes(size))
+        pair.assert_identical()
+
+
+CONTROL_VALUES = st.one_of(st.integers(0, 1 << 17), st.integers(0, (1 << 64) - 1),
+                           st.sampled_from([0, 16, (1 << 62) - 16, 1 << 62, (1 << 64) - 16]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(pokes=st.lists(st.tuples(st.sampled_from([TAIL, HEAD, APPENDED, CONSUMED]),
+                                CONTROL_VALUES), max_size=4),
+       sizes=st.lists(st.integers(0, GEOMETRY.max_record + 8), min_size=1, max_size=6))
+def test_a_damaged_lane_gives_the_same_drops_and_bytes_as_python(
+        pokes: list[tuple[int, int]], sizes: list[int]) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        pair = Pair(directory)
+        try:
+            pair.append(b"first")  # claims lane 0 in both
+            for word, value in pokes:
+                pair.poke(word, value)
+            for size in sizes:
+                pair.append(bytes(size))
+                pair.assert_identical()
+        finally:
+            pair.close()
+
+
+def test_arguments_outside_the_mapping_are_refused(pair: Pair) -> None:
+    ring = pair.rings[0]
+    append = producer_module._lane.append
+    base = ring.lane_offset(0)
+    for control, lane_base in ((len(ring.words), base), (-1, base),
+                               (ring.control_word(0, 0), len(ring.bytes)),
+                               (ring.control_word(0, 0), base + 8)):
+        with pytest.raises(ValueError):
+            append(ring.bytes, control, lane_base, GEOMETRY.lane_capacity, 100, 10, b"x")
+    with pytest.raises(BufferError):
+        append(bytes(len(ring.bytes)), ring.control_word(0, 0), base, GEOMETRY.lane_capacity,
+               100, 10, b"x")  # read-only memory
+
+
+@pytest.mark.skipif(PURE_PYTHON, reason="this whole run is pure Python already")
+def test_pure_python_leaves_the_extension_unimported() -> None:
+    probe = ("import sys; from moesif_fast.ringbuffer import producer; "
+             "print(producer._lane is None, 'moesif_fast.ringbuffer._lane' in sys.modules)")
+    outputs = [subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              check=True, env=dict(os.environ, **{PURE_PYTHON_ENV: value})
+                              ).stdout.split() for value in ("1", "0")]
+    assert outputs == [["True", "False"], ["False", "True"]]
