@@ -7,9 +7,19 @@ runs instead. MOESIF_FAST_PURE_PYTHON=1 forces the pure-Python implementation at
 
 from setuptools import Extension, setup
 
+COMPILE_ARGS = ["-O2", "-std=c99", "-Wall", "-Wextra"]
+BUFFER_HEADER = "moesif_fast/_buffer.h"
+
+
+def extension(module: str, depends: tuple[str, ...] = ()) -> Extension:
+    """The optional extension `module` from the C file of the same path."""
+    return Extension(module, [module.replace(".", "/") + ".c"], depends=list(depends),
+                     optional=True, extra_compile_args=COMPILE_ARGS)
+
+
 setup(ext_modules=[
-    Extension("moesif_fast._eventjson", ["moesif_fast/_eventjson.c"], optional=True,
-              extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra"]),
-    Extension("moesif_fast.ringbuffer._lane", ["moesif_fast/ringbuffer/_lane.c"], optional=True,
-              extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra"]),
+    extension("moesif_fast._eventjson", (BUFFER_HEADER,)),
+    extension("moesif_fast._recordpack", (BUFFER_HEADER,)),
+    extension("moesif_fast._recorddecode"),
+    extension("moesif_fast.ringbuffer._lane"),
 ])

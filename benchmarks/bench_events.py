@@ -6,7 +6,11 @@ Records as in bench_shipper.py (ten request headers, two response headers, the s
 on both sides), with three kinds of 1 KB body: JSON made mostly of one long string, JSON made of
 35 small objects, and plain text (sent as base64). The stages, side by side for each kind:
 
-* decode: `record.decode`, payload → CapturedCall (MessagePack and the record's type checks);
+* decode: `record.decode`, payload → CapturedCall (MessagePack and the record's type checks),
+  through the compiled decoder `moesif_fast._recorddecode` when it is built and not forced off;
+* decode-python: the same with the pure-Python path (the compiled decoder set aside for the
+  round), side by side in the same run; with the extension missing, both rows are the Python
+  path;
 * encode: `EventBuilder.encode`, CapturedCall → the event's JSON text (header naming, IP, user,
   times, body detection and JSON validation, writing the text), through the compiled extension
   `moesif_fast._eventjson` when it is built and not forced off;
@@ -28,9 +32,11 @@ import json
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import pytest
 
+from moesif_fast import record
 from moesif_fast.event import EventBuilder, serialize_batch
 from moesif_fast.record import CapturedCall, decode, encode_call, header_columns
 from moesif_fast.settings import MoesifOptions
@@ -47,7 +53,7 @@ BODIES = {
                                                       for number in range(35)]}).encode(),
     "text": b"Lorem ipsum dolor sit amet. " * 36,
 }
-STAGES = ["decode", "encode", "encode-python", "batch", "gzip"]
+STAGES = ["decode", "decode-python", "encode", "encode-python", "batch", "gzip"]
 
 
 def captured_call(number: int, body: bytes) -> bytes:
@@ -63,17 +69,25 @@ def batches(items: list[Any]) -> list[list[Any]]:
     return [items[start:start + BATCH_SIZE] for start in range(0, len(items), BATCH_SIZE)]
 
 
+def decode_python(records: list[list[bytes]]) -> list[list[CapturedCall]]:
+    """`decode` over all records with the compiled decoder set aside: the pure-Python path."""
+    with mock.patch.object(record, "_compiled_decode", None):
+        return [[decode(payload) for payload in batch] for batch in records]
+
+
 def stage_runs(body: bytes) -> dict[str, Callable[[], object]]:
     """Each stage as a function over all EVENTS, its input prepared outside the timed region."""
     builder = EventBuilder(MoesifOptions())
     python_builder = EventBuilder(MoesifOptions())
     python_builder._compiled_encode = None
     records = batches([captured_call(number, body) for number in range(EVENTS)])
-    calls: list[list[CapturedCall]] = [[decode(record) for record in batch] for batch in records]
+    calls: list[list[CapturedCall]] = [[decode(payload) for payload in batch]
+                                       for batch in records]
     events = [[builder.encode(call) for call in batch] for batch in calls]
     bodies = [serialize_batch(batch) for batch in events]
     return {
-        "decode": lambda: [[decode(record) for record in batch] for batch in records],
+        "decode": lambda: [[decode(payload) for payload in batch] for batch in records],
+        "decode-python": lambda: decode_python(records),
         "encode": lambda: [[builder.encode(call) for call in batch] for batch in calls],
         "encode-python": lambda: [[python_builder.encode(call) for call in batch]
                                   for batch in calls],

@@ -21,6 +21,8 @@ of those rules. */
 #include <stdio.h>
 #include <string.h>
 
+#include "_buffer.h"
+
 #define OK 0
 #define DECLINE 1 /* left to the Python path: encode returns None */
 #define ERROR (-1) /* a Python exception is set */
@@ -55,64 +57,7 @@ typedef struct {
     PyObject *new_transaction_id;    /* () -> a fresh transaction id */
 } Encoder;
 
-/* --- output buffer ------------------------------------------------------------------------ */
-
-typedef struct {
-    char *data;
-    Py_ssize_t length;
-    Py_ssize_t capacity;
-    char inline_data[4096];
-} Buffer;
-
-static void buffer_init(Buffer *buffer)
-{
-    buffer->data = buffer->inline_data;
-    buffer->length = 0;
-    buffer->capacity = sizeof(buffer->inline_data);
-}
-
-static void buffer_free(Buffer *buffer)
-{
-    if (buffer->data != buffer->inline_data)
-        PyMem_Free(buffer->data);
-}
-
-static int reserve(Buffer *buffer, Py_ssize_t extra)
-{
-    if (extra <= buffer->capacity - buffer->length)
-        return OK;
-    if (extra > PY_SSIZE_T_MAX / 2 - buffer->length) {
-        PyErr_NoMemory();
-        return ERROR;
-    }
-    Py_ssize_t capacity = (buffer->length + extra) * 2;
-    char *data;
-    if (buffer->data == buffer->inline_data) {
-        data = PyMem_Malloc((size_t)capacity);
-        if (data != NULL)
-            memcpy(data, buffer->data, (size_t)buffer->length);
-    } else {
-        data = PyMem_Realloc(buffer->data, (size_t)capacity);
-    }
-    if (data == NULL) {
-        PyErr_NoMemory();
-        return ERROR;
-    }
-    buffer->data = data;
-    buffer->capacity = capacity;
-    return OK;
-}
-
-static int write_bytes(Buffer *buffer, const char *bytes, Py_ssize_t length)
-{
-    if (reserve(buffer, length) != OK)
-        return ERROR;
-    memcpy(buffer->data + buffer->length, bytes, (size_t)length);
-    buffer->length += length;
-    return OK;
-}
-
-#define WRITE_LITERAL(buffer, text) write_bytes((buffer), (text), (Py_ssize_t)(sizeof(text) - 1))
+#define WRITE_LITERAL(buffer, text) buffer_write((buffer), (text), (Py_ssize_t)(sizeof(text) - 1))
 
 /* --- JSON values, as orjson writes them ---------------------------------------------------- */
 
@@ -154,7 +99,7 @@ static int write_escaped(Buffer *buffer, const unsigned char *text, Py_ssize_t l
         PyErr_NoMemory();
         return ERROR;
     }
-    if (reserve(buffer, length + 2) != OK)
+    if (buffer_reserve(buffer, length + 2) != OK)
         return ERROR;
     buffer->data[buffer->length++] = '"';
     Py_ssize_t start = 0;
@@ -173,14 +118,14 @@ static int write_escaped(Buffer *buffer, const unsigned char *text, Py_ssize_t l
             sequence[5] = HEX_DIGITS[text[i] & 0xf];
             size = 6;
         }
-        if (write_bytes(buffer, (const char *)text + start, i - start) != OK
-                || write_bytes(buffer, sequence, size) != OK)
+        if (buffer_write(buffer, (const char *)text + start, i - start) != OK
+                || buffer_write(buffer, sequence, size) != OK)
             return ERROR;
         start = i + 1;
     }
-    if (write_bytes(buffer, (const char *)text + start, length - start) != OK)
+    if (buffer_write(buffer, (const char *)text + start, length - start) != OK)
         return ERROR;
-    return write_bytes(buffer, "\"", 1);
+    return buffer_write(buffer, "\"", 1);
 }
 
 /* A str; DECLINE for one with a lone surrogate (orjson refuses it). */
@@ -207,7 +152,7 @@ static int write_unsigned(Buffer *buffer, unsigned long long value, int negative
     } while (value != 0);
     if (negative)
         digits[--position] = '-';
-    return write_bytes(buffer, digits + position, (Py_ssize_t)sizeof(digits) - position);
+    return buffer_write(buffer, digits + position, (Py_ssize_t)sizeof(digits) - position);
 }
 
 /* An int orjson writes: from -2**63 to 2**64 - 1; DECLINE past that. */
@@ -244,7 +189,7 @@ static int write_float(Buffer *buffer, PyObject *number)
     if (text == NULL)
         return ERROR;
     int status = strstr(text, "e-") != NULL ? DECLINE
-                                             : write_bytes(buffer, text, (Py_ssize_t)strlen(text));
+                                             : buffer_write(buffer, text, (Py_ssize_t)strlen(text));
     PyMem_Free(text);
     return status;
 }
@@ -256,15 +201,15 @@ static int write_dict(Buffer *buffer, PyObject *dict, int depth)
     Py_ssize_t position = 0;
     PyObject *key, *item;
     int first = 1;
-    if (write_bytes(buffer, "{", 1) != OK)
+    if (buffer_write(buffer, "{", 1) != OK)
         return ERROR;
     while (PyDict_Next(dict, &position, &key, &item)) {
         if (!PyUnicode_CheckExact(key))
             return DECLINE; /* orjson refuses other keys; the Python path makes them text */
         int status;
-        if ((!first && write_bytes(buffer, ",", 1) != OK)
+        if ((!first && buffer_write(buffer, ",", 1) != OK)
                 || (status = write_str(buffer, key)) == ERROR
-                || (status == OK && write_bytes(buffer, ":", 1) != OK))
+                || (status == OK && buffer_write(buffer, ":", 1) != OK))
             return ERROR;
         if (status != OK)
             return status;
@@ -272,21 +217,21 @@ static int write_dict(Buffer *buffer, PyObject *dict, int depth)
             return status;
         first = 0;
     }
-    return write_bytes(buffer, "}", 1);
+    return buffer_write(buffer, "}", 1);
 }
 
 static int write_array(Buffer *buffer, PyObject *sequence, int depth)
 {
-    if (write_bytes(buffer, "[", 1) != OK)
+    if (buffer_write(buffer, "[", 1) != OK)
         return ERROR;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(sequence); i++) {
         int status;
-        if (i != 0 && write_bytes(buffer, ",", 1) != OK)
+        if (i != 0 && buffer_write(buffer, ",", 1) != OK)
             return ERROR;
         if ((status = write_value(buffer, PySequence_Fast_GET_ITEM(sequence, i), depth + 1)) != OK)
             return status;
     }
-    return write_bytes(buffer, "]", 1);
+    return buffer_write(buffer, "]", 1);
 }
 
 /* Any value of a plain type, as orjson writes it; DECLINE for everything else. No Python code
@@ -337,7 +282,7 @@ static int write_base64(Buffer *buffer, const unsigned char *data, Py_ssize_t le
         PyErr_NoMemory();
         return ERROR;
     }
-    if (reserve(buffer, (length + 2) / 3 * 4 + 2) != OK)
+    if (buffer_reserve(buffer, (length + 2) / 3 * 4 + 2) != OK)
         return ERROR;
     char *out = buffer->data + buffer->length;
     *out++ = '"';
@@ -700,7 +645,7 @@ static int write_body(Encoder *self, Buffer *buffer, PyObject *raw, PyObject *he
         if (length < 0 || length >= (int)sizeof(message))
             return DECLINE;
         *encoding = "\"json\"";
-        return write_bytes(buffer, message, length);
+        return buffer_write(buffer, message, length);
     }
     if (raw == Py_None || (PyBytes_CheckExact(raw) && PyBytes_GET_SIZE(raw) == 0)) {
         *encoding = "null";
@@ -719,7 +664,7 @@ static int write_body(Encoder *self, Buffer *buffer, PyObject *raw, PyObject *he
         if (!copy || !is_copyable_json(data, length))
             return DECLINE; /* body masks to apply, or JSON to parse in Python (or base64) */
         *encoding = "\"json\"";
-        return write_bytes(buffer, (const char *)data, length);
+        return buffer_write(buffer, (const char *)data, length);
     }
     *encoding = "\"base64\"";
     return write_base64(buffer, data, length);
@@ -769,7 +714,7 @@ static int write_time(Buffer *buffer, long long time_ns, int incoming)
         length += width;
         text[length++] = field < 6 ? separators[field] : '"';
     }
-    return write_bytes(buffer, text, length);
+    return buffer_write(buffer, text, length);
 }
 
 static int time_ns_of(PyObject *value, long long *time_ns)
@@ -1110,7 +1055,7 @@ static int encode_call(Encoder *self, PyObject *call, Parts *parts, Buffer *buff
     CHECK(write_body(self, buffer, FIELD(7), parts->request_headers, self->copy_request_body,
                      0, "request", &request_encoding));
     CHECK(WRITE_LITERAL(buffer, ",\"transfer_encoding\":"));
-    CHECK(write_bytes(buffer, request_encoding, (Py_ssize_t)strlen(request_encoding)));
+    CHECK(buffer_write(buffer, request_encoding, (Py_ssize_t)strlen(request_encoding)));
     CHECK(WRITE_LITERAL(buffer, "},\"response\":{\"time\":"));
     CHECK(write_time(buffer, response_time_ns, incoming));
     CHECK(WRITE_LITERAL(buffer, ",\"status\":"));
@@ -1122,7 +1067,7 @@ static int encode_call(Encoder *self, PyObject *call, Parts *parts, Buffer *buff
     CHECK(write_body(self, buffer, FIELD(10), parts->response_headers, self->copy_response_body,
                      !incoming, "response", &response_encoding));
     CHECK(WRITE_LITERAL(buffer, ",\"ip_address\":null,\"transfer_encoding\":"));
-    CHECK(write_bytes(buffer, response_encoding, (Py_ssize_t)strlen(response_encoding)));
+    CHECK(buffer_write(buffer, response_encoding, (Py_ssize_t)strlen(response_encoding)));
     CHECK(WRITE_LITERAL(buffer, "},\"session_token\":"));
     CHECK(write_value(buffer, FIELD(14), 1));
     CHECK(WRITE_LITERAL(buffer, ",\"tags\":null,\"user_id\":"));

@@ -44,17 +44,11 @@ from typing import Any
 
 import orjson
 
-from . import PURE_PYTHON
+from . import compiled
 from .record import FIELD_COUNT, Body, CapturedCall
 from .settings import MoesifOptions
 
-if PURE_PYTHON:
-    _eventjson = None
-else:
-    try:
-        from . import _eventjson
-    except ImportError:  # not built (no compiler at install time): the Python path alone
-        _eventjson = None
+_eventjson = compiled("_eventjson")
 
 INCOMING = "Incoming"
 OUTGOING = "Outgoing"

@@ -47,6 +47,10 @@ from typing import Any, NamedTuple
 import msgpack
 from msgpack import unpackb as _unpackb
 
+from . import compiled
+
+_recorddecode = compiled("_recorddecode")
+
 CALL_V4 = b"F"
 ENTITY_V2 = b"V"
 ENTITY_KINDS = ("user", "company", "subscription")
@@ -88,6 +92,9 @@ class CapturedCall(NamedTuple):
 
 
 FIELD_COUNT = len(CapturedCall._fields)
+_compiled_decode = None if _recorddecode is None else _recorddecode.Decoder(CapturedCall).decode
+"""The compiled `decode` of the common CALL_V4 record (docs/compiled.md): the same CapturedCall,
+or NotImplemented for any payload it leaves to the Python path; None when not in use."""
 _TYPED_FIELDS = itemgetter(*range(12), 16, 17, 18)
 """The fields whose type is fixed (all but the callback results user_id … metadata)."""
 _FIELD_TYPES = {
@@ -141,11 +148,20 @@ class _Packers(threading.local):
 
 _packers = _Packers()
 
+_recordpack = compiled("_recordpack")
+_compiled_pack = None if _recordpack is None else _recordpack.pack_call
+"""The compiled `encode_call` of plain values (docs/compiled.md): the same bytes, or None for
+any value it leaves to the Python path; None when not in use."""
+
 
 def encode_call(fields: tuple) -> bytes:
     """Pack a plain tuple in `CapturedCall` field order. Raises TypeError, ValueError or
     OverflowError for values MessagePack cannot carry; the caller makes callback results safe
     first (`encode_call_safely`)."""
+    if _compiled_pack is not None:
+        payload = _compiled_pack(fields)
+        if payload is not None:
+            return payload
     return CALL_V4 + _packers.pack(fields)
 
 
@@ -195,7 +211,13 @@ def decode(payload: bytes) -> CapturedCall | EntityUpdate | None:
     left: an array's item slots are allocated when its header is read, so arrays nested up to
     1024 deep that each claim as many items as the payload has bytes reserve up to 8 KiB per
     payload byte (calloc'ed, mostly never touched: +75 MB of RSS for a 1 MB record, measured),
-    freed when the record is refused."""
+    freed when the record is refused.
+
+    The compiled decoder, when in use, answers first for the common call record."""
+    if _compiled_decode is not None:
+        call = _compiled_decode(payload)
+        if call is not NotImplemented:
+            return call
     kind = payload[:1]
     if kind == CALL_V4:
         try:

@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 
-from .. import PURE_PYTHON
+from .. import compiled
 from .layout import (
     APPENDED,
     CONSUMED,
@@ -47,13 +47,7 @@ from .layout import (
     try_lock,
 )
 
-if PURE_PYTHON:
-    _lane = None
-else:
-    try:
-        from . import _lane
-    except ImportError:  # not built (no compiler at install): the Python path
-        _lane = None
+_lane = compiled("ringbuffer._lane")
 
 OVERFLOW_ATTEMPTS = 20  # non-blocking tries of the overflow lock before dropping as busy
 
