@@ -39,7 +39,11 @@ the pace if it answered at least PACED_RATE_SHARE of RATE per second and at most
 PACED_LATE_SHARE of its requests started more than LATE_S after their slot; otherwise the
 machine (2 cores shared with other work, here) was saturated, and the round says so. Reported:
 each round, and per server the median round: CPU µs per request, the ratio with capture over
-without, the workers' µs per request and the shipper's µs per event. No timing is asserted.
+without, the workers' µs per request and the shipper's µs per event. Also, per capture server,
+the median of its paired ratios: each capture round's CPU per request over the mean of the
+rounds without capture just before and just after it, which cancels the drift of a shared
+machine over the run (rounds without capture were seen to range from 507 to 781 µs in one run)
+better than the ratio of medians. No timing is asserted.
 
     .venv/bin/python -m pytest benchmarks/bench_paced.py --benchmark-only -s
 
@@ -283,6 +287,21 @@ def spooled(ring_dir: str) -> int:
     return ((ring["shipper"] or {}).get("spool") or {}).get("appended", 0)
 
 
+def paired_ratios(in_order: list[tuple[str, float]]) -> dict[str, list[float]]:
+    """Per capture server, each of its rounds' CPU per request over the mean of the nearest
+    rounds without capture before and after it (one of them for a round at either end)."""
+    ratios: dict[str, list[float]] = {}
+    for index, (name, tree) in enumerate(in_order):
+        if name == WITHOUT:
+            continue
+        before = next((value for other, value in reversed(in_order[:index]) if other == WITHOUT),
+                      None)
+        after = next((value for other, value in in_order[index + 1:] if other == WITHOUT), None)
+        beside = [value for value in (before, after) if value is not None]
+        ratios.setdefault(name, []).append(tree / statistics.mean(beside))
+    return ratios
+
+
 # --- collector ------------------------------------------------------------------------------
 
 
@@ -323,6 +342,7 @@ def test_paced_host_cpu(benchmark, collector: tuple[str, str, int], clients,
     ring_dirs: dict[str, str] = {}
     urls: dict[str, str] = {}
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in SERVERS}
+    in_order: list[tuple[str, float]] = []  # (server, tree µs per request) of every round
     labels = (f"r{number}" for number in itertools.count())
     lines: list[str] = []
 
@@ -426,6 +446,7 @@ def test_paced_host_cpu(benchmark, collector: tuple[str, str, int], clients,
         for name in CYCLE:
             result = round_of(name, ROUND_S)
             rounds[name].append(result)
+            in_order.append((name, result["tree_us_per_request"]))
             say(describe(name, result))
 
     say(f"paced load {RATE:,.0f} requests/s, {ROUND_S:g} s rounds, {CYCLES} cycle(s) of "
@@ -480,6 +501,7 @@ def test_paced_host_cpu(benchmark, collector: tuple[str, str, int], clients,
         return statistics.median(result[key] for result in rounds[name])
 
     baseline = median(WITHOUT, "tree_us_per_request")
+    paired = paired_ratios(in_order)
     summary: dict[str, Any] = {}
     say(f"medians of the rounds ({sys.implementation.name} {sys.version.split()[0]}):")
     for name in SERVERS:
@@ -500,11 +522,15 @@ def test_paced_host_cpu(benchmark, collector: tuple[str, str, int], clients,
         if SERVERS[name] is not None:
             entry["shipper_us_per_event"] = round(median(name, "shipper_us_per_event"), 1)
             entry["added_us_per_request"] = round(tree - baseline, 1)
+            entry["paired_ratio"] = round(statistics.median(paired[name]), 3)
+            entry["paired_ratios"] = [round(ratio, 3) for ratio in paired[name]]
             entry["workers_added_us_per_request"] = round(
                 entry["workers_us_per_request"] - median(WITHOUT, "workers_us_per_request"), 1)
             line += (f" (+{entry['workers_added_us_per_request']:.0f}), shipper "
                      f"{entry['shipper_us_per_event']:.1f} µs/event; +{tree - baseline:.0f} "
-                     "µs/request in all")
+                     f"µs/request in all; paired with the rounds without capture beside them: "
+                     f"{entry['paired_ratio']:.2f}× (rounds: "
+                     f"{', '.join(f'{ratio:.2f}' for ratio in paired[name])})")
         summary[name] = entry
         say(line)
     benchmark.extra_info.update(
