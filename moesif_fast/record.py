@@ -50,6 +50,7 @@ from msgpack import unpackb as _unpackb
 from . import compiled
 
 _recorddecode = compiled("_recorddecode")
+_recordpack = compiled("_recordpack")
 
 CALL_V4 = b"F"
 ENTITY_V2 = b"V"
@@ -147,8 +148,6 @@ class _Packers(threading.local):
 
 
 _packers = _Packers()
-
-_recordpack = compiled("_recordpack")
 _compiled_pack = None if _recordpack is None else _recordpack.pack_call
 """The compiled `encode_call` of plain values (docs/compiled.md): the same bytes, or None for
 any value it leaves to the Python path; None when not in use."""

@@ -1,15 +1,19 @@
-"""The shipper's ring stage paces its passes by how fast the workers fill the ring, and wakes
-the loop when it hands a batch over (a real ring, reader and producer in this process)."""
+"""The shipper's ring stage paces its passes by how fast the workers fill the ring, wakes the
+loop when it hands a batch over, and is woken when the shipper finishes (a real ring, reader
+and producer in this process)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from moesif_fast.ringbuffer import Geometry, Producer, Reader, RingFile
+from moesif_fast.shipper import intake as intake_module
 from moesif_fast.shipper.intake import POLL, POLL_MAX, UNREAD_TARGET, RingIntake
 
 LANE_BYTES = 1 << 20
@@ -57,9 +61,9 @@ def test_a_quiet_ring_is_read_every_poll_max_and_a_filling_one_more_often(ring: 
 
 def test_each_batch_handed_over_wakes_the_loop(ring: RingFile) -> None:
     reader = Reader(ring)
-    intake = RingIntake(reader, None, batch_size=10)
     wakes = []
-    intake.on_handoff = lambda: wakes.append(intake.next_batch())
+    intake = RingIntake(reader, None, batch_size=10,
+                        on_handoff=lambda: wakes.append(intake.next_batch()))
     producer = Producer(ring)
     try:
         for _ in range(25):
@@ -68,5 +72,30 @@ def test_each_batch_handed_over_wakes_the_loop(ring: RingFile) -> None:
         assert [len(handoff.batch) for handoff in wakes] == [10, 10]
         assert intake.next_batch() is None
     finally:
+        producer.close()
+        reader.close()
+
+
+def test_finish_wakes_a_waiting_ring_stage_at_once(ring: RingFile,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shipper asked to finish must not wait out the ring stage's pause: with the pause made
+    an hour long, the open batch is still handed over right after `finish()`."""
+    monkeypatch.setattr(intake_module, "POLL_MAX", 3600.0)
+    handed = threading.Event()
+    reader = Reader(ring)
+    intake = RingIntake(reader, None, batch_size=100, on_handoff=handed.set)
+    producer = Producer(ring)
+    intake.start()
+    try:
+        while intake._wait != 3600.0:  # until its first pass found the ring quiet
+            time.sleep(0.01)
+        for _ in range(5):
+            assert producer.append(RECORD)
+        intake.finish()
+        assert handed.wait(60), "the ring stage slept through finish()"
+        handoff = intake.next_batch()
+        assert handoff is not None and len(handoff.batch) == 5
+    finally:
+        intake.stop()
         producer.close()
         reader.close()

@@ -68,14 +68,15 @@ class Handoff:
 
 class RingIntake:
     """The ring stage (see the module docstring). `start()` its thread; the loop calls
-    `next_batch`, `settle` and `idle`, and sets `finishing`; `stop()` then `evacuate()` at the
+    `next_batch`, `settle` and `idle`, and `finish()`; `stop()` then `evacuate()` at the
     deadline."""
 
-    def __init__(self, reader: Reader, spool: Spool | None, batch_size: int) -> None:
+    def __init__(self, reader: Reader, spool: Spool | None, batch_size: int,
+                 on_handoff: Callable[[], None] = lambda: None) -> None:
         self.reader = reader
         self.spool = spool
         self.batch_size = batch_size
-        self.finishing = False  # close batches at once (set by the loop when it finishes)
+        self.finishing = False  # close batches at once (`finish`)
         self.errors = 0  # unexpected errors of the thread, logged
         self._handed: queue.SimpleQueue[Handoff] = queue.SimpleQueue()  # to the loop
         self._commits: queue.SimpleQueue[Handoff] = queue.SimpleQueue()  # from the loop
@@ -88,9 +89,9 @@ class RingIntake:
         self._spool_again_at = 0.0  # after a failed write: the ring alone until then
         self._next_error_log = 0.0
         self._wait = POLL  # before the next pass
-        self.on_handoff: Callable[[], None] = lambda: None
-        """Called after each batch handed to the loop (the loop sets it to wake itself)."""
+        self._on_handoff = on_handoff  # after each batch handed to the loop: wakes it
         self._stop = threading.Event()
+        self._wake = threading.Event()  # ends the wait before the next pass (finish, stop)
         self._passing = threading.Lock()  # held during a pass: `idle` sees whole passes
         self._thread = threading.Thread(target=self._run, name="moesif-ring-intake",
                                         daemon=True)
@@ -102,6 +103,7 @@ class RingIntake:
         """End the thread after its current pass and apply the commits asked for since; the
         Reader is the caller's from then on."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
         self._apply_commits()
@@ -113,6 +115,11 @@ class RingIntake:
             return self._handed.get_nowait()
         except queue.Empty:
             return None
+
+    def finish(self) -> None:
+        """From now on close batches at once, starting with a pass right away."""
+        self.finishing = True
+        self._wake.set()
 
     def settle(self, handoff: Handoff) -> None:
         """The loop is done with `handoff` (delivered, or refused for good): commit it."""
@@ -127,7 +134,11 @@ class RingIntake:
     # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.wait(self._wait):
+        while True:
+            self._wake.wait(self._wait)
+            if self._stop.is_set():
+                return
+            self._wake.clear()
             try:
                 self.run_pass()
             except Exception:  # never die silently with the shipper still running
@@ -197,7 +208,7 @@ class RingIntake:
             handoff = Handoff(batch)
             self._unsettled[batch] = handoff
             self._handed.put(handoff)
-            self.on_handoff()
+            self._on_handoff()
 
     def _take_over(self) -> None:
         """Spool and commit the batches the loop has not settled (see the module docstring),

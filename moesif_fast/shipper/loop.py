@@ -58,7 +58,7 @@ logger = logging.getLogger("moesif_fast.shipper")
 
 EVENTS_PATH = "/v1/events/batch"
 IN_FLIGHT = 4  # batches being sent at once
-IDLE_POLL = 0.25  # seconds between passes with nothing to send (a handoff wakes the loop)
+IDLE_POLL = 0.25  # seconds between passes with nothing to send (`wake` ends the wait)
 STATS_INTERVAL = 1.0
 RESTART_GRACE = 5.0  # seconds batches in flight may take to settle before a settings restart
 UNREADABLE_LOG_INTERVAL = 60.0  # seconds between two warnings of one kind (unreadable records,
@@ -135,7 +135,6 @@ class Shipper:
         self.settings_tag = options.settings_tag
         self.counters = ShipperCounters(pid=os.getpid(), started_ns=time.time_ns())
         self.refresher = PolicyRefresher(transport, policy_snapshot_path(ring.path))
-        self.intake = RingIntake(self.reader, spool, options.BATCH_SIZE)
         self.catch_up = CatchUp()
         self.drops = DropReport.for_shipper(ring, spool, self.counters, transport)
         self._finishing = False
@@ -143,9 +142,9 @@ class Shipper:
         # Requests for the senders at low priority and at the process's; None stops a sender.
         self._low_jobs: queue.Queue[Request | None] = queue.Queue()
         self._normal_jobs: queue.Queue[Request | None] = queue.Queue()
-        self._done: queue.Queue[tuple[Request, Outcome] | None] = queue.Queue()
-        """Senders' results, and None from the ring stage when it hands a batch over."""
-        self.intake.on_handoff = lambda: self._done.put(None)
+        self._done: queue.SimpleQueue[tuple[Request, Outcome] | None] = queue.SimpleQueue()
+        """Senders' results, and None to wake the loop (`wake`)."""
+        self.intake = RingIntake(self.reader, spool, options.BATCH_SIZE, on_handoff=self.wake)
         self._unsettled: dict[Work, BatchProgress] = {}  # batches with requests in flight
         self._in_flight = 0
         self._next_stats = 0.0
@@ -195,7 +194,8 @@ class Shipper:
                 return self._hand_over()
             if finish_by is None and should_finish():
                 finish_by = now + finish_deadline
-                self._finishing = self.intake.finishing = True
+                self._finishing = True
+                self.intake.finish()
                 logger.info("moesif_fast shipper: finishing; delivering what is left within "
                             "%.0f s", finish_deadline)
             if finish_by is not None and now >= finish_by:
@@ -215,6 +215,11 @@ class Shipper:
                 return True
             self._publish_stats()
             self._collect_results(wait=IDLE_POLL)
+
+    def wake(self) -> None:
+        """Make the loop take a pass now: a batch was handed over, or finishing was asked.
+        Safe in a signal handler (SimpleQueue.put is reentrant)."""
+        self._done.put(None)
 
     def _next_work(self) -> Work | None:
         """The next batch to send: from the ring stage, else from the spool."""

@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from .. import __version__, private, ringfile
@@ -92,6 +93,7 @@ def run_shipper(ring_path: str | None, settings_module: str | None, server: str,
                              accepted_tags=_older_settings())
     if shipper is None:
         return EXIT_OK
+    finish.wake = shipper.wake
     logger.info("moesif_fast shipper %d: draining %s to %s, spooling to %s", os.getpid(),
                 ring.path, options.base_uri, spool_folder if shipper.spool else "nothing")
     spooled = 0
@@ -199,16 +201,20 @@ class FinishConditions:
         self.idle_exit = idle_exit
         self.requested = False
         self.handing_over = False
+        self.wake: Callable[[], None] = lambda: None
+        """Called when a signal asks to finish: the shipper's `wake`, once it exists."""
         self._next_check = 0.0
         self._idle_since: float | None = None
 
     def request(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
+        self.wake()
 
     def hand_over(self, signum: int, frame: FrameType | None) -> None:
         """SIGHUP (uWSGI's reloadsignal): leave the ring to the next shipper now, without
         waiting for live producers."""
         self.requested = self.handing_over = True
+        self.wake()
 
     def __call__(self) -> bool:
         if self.requested:
