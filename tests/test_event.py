@@ -685,6 +685,13 @@ def test_mask_event_model_failure_drops_the_event(callback: Any, reason: str) ->
 # --- serialize_batch -------------------------------------------------------------------------
 
 
+def test_serialize_batch_is_the_json_array_of_its_events() -> None:
+    events = [b'{"a":1}', b'{"b":[2]}', b'{}', b'{"c":"d"}']
+    for count in range(len(events) + 1):
+        assert serialize_batch(events[:count]) == b"[" + b",".join(events[:count]) + b"]"
+    assert events == [b'{"a":1}', b'{"b":[2]}', b'{}', b'{"c":"d"}']  # left as they were
+
+
 def strict_loads(data: bytes) -> Any:
     def no_constants(name: str) -> Any:
         raise AssertionError(f"{name} literal in output")
