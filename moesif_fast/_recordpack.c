@@ -7,6 +7,14 @@ other than exactly None, bool, int, float, str, bytes, tuple, list and dict, int
 MessagePack's 64 bits, strings that are not valid UTF-8 (lone surrogates), containers nested
 deeper than MAX_DEPTH, and containers of more than 2^32 - 1 items.
 
+`pack_incoming(...)` returns the same bytes for an incoming call straight from the live
+request's META dict and the response's header store, for the fields the middleware would
+otherwise gather first (the URI, the request header columns, REMOTE_ADDR, the response header
+pairs); None when any of them is not in the plain form it handles (see its docstring): the
+middleware then gathers the fields in Python.
+
+`transaction_id()` returns a random version-4 UUID string in the middleware's format.
+
 Only exact built-in types are read, so no Python code runs while a value is packed and no
 container can change under the packer. */
 
@@ -14,6 +22,8 @@ container can change under the packer. */
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <pthread.h>
+#include <sys/random.h>
 
 #include "_buffer.h"
 
@@ -183,25 +193,361 @@ static int pack(Buffer *buffer, PyObject *value, int depth)
     return DECLINE;
 }
 
+/* What a packing function returns for `status`: the record's bytes, None (declined) or NULL
+   (an exception is set). Frees the buffer. */
+static PyObject *packed(Buffer *buffer, int status)
+{
+    PyObject *result = NULL;
+    if (status == OK)
+        result = PyBytes_FromStringAndSize(buffer->data, buffer->length);
+    else if (status == DECLINE)
+        result = Py_NewRef(Py_None);
+    buffer_free(buffer);
+    return result;
+}
+
 static PyObject *pack_call(PyObject *module, PyObject *fields)
 {
     (void)module;
     Buffer buffer;
     buffer_init(&buffer);
     buffer.data[buffer.length++] = CALL_KIND;
-    int status = pack(&buffer, fields, 0);
-    PyObject *result = NULL;
+    return packed(&buffer, pack(&buffer, fields, 0));
+}
+
+
+/* -- an incoming call, from the live request and response -------------------------------- */
+
+static PyObject *key_wsgi_url_scheme, *key_http_host, *key_http_x_forwarded_host,
+    *key_server_name, *key_server_port, *key_query_string, *key_remote_addr, *key_content_type, *key_content_length, *direction_incoming;
+
+#define FIELD_COUNT 19 /* record.CapturedCall's fields */
+#define INCOMING_ARGUMENTS 19
+
+/* The characters django.utils.encoding's escape_uri_path (path) and iri_to_uri (query) leave
+   as they are: the middleware's _is_plain_path and _is_plain_query. */
+static const char PLAIN_PATH[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                                 "_.~/:@&+$,!*'()-";
+static const char PLAIN_QUERY[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                                  "_.~/#%[]=:;$&()+,!?*@'-";
+static unsigned char plain_path[128], plain_query[128];
+
+static int is_plain(PyObject *text, const unsigned char *table)
+{
+    if (!PyUnicode_IS_ASCII(text))
+        return 0;
+    const unsigned char *chars = PyUnicode_1BYTE_DATA(text);
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    for (Py_ssize_t index = 0; index < length; index++)
+        if (!table[chars[index]])
+            return 0;
+    return 1;
+}
+
+/* meta[key] as a borrowed reference; NULL when absent (an error set only if one occurred). */
+static PyObject *meta_item(PyObject *meta, PyObject *key)
+{
+    return PyDict_GetItemWithError(meta, key);
+}
+
+/* `text`'s UTF-8 in *utf8 and *size: OK, DECLINE (not an exact str, or a lone surrogate) or
+   ERROR. */
+static int utf8_of(PyObject *text, const char **utf8, Py_ssize_t *size)
+{
+    if (!PyUnicode_CheckExact(text))
+        return DECLINE;
+    if ((*utf8 = PyUnicode_AsUTF8AndSize(text, size)) != NULL)
+        return OK;
+    if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+        return ERROR;
+    PyErr_Clear();
+    return DECLINE;
+}
+
+/* The host part of the middleware's _uri: X-Forwarded-Host (when `forwarded_host`), else
+   Host, else SERVER_NAME with ":SERVER_PORT" unless it is the scheme's default port. */
+static int host_of(PyObject *meta, int forwarded_host, int https, const char **host,
+                   Py_ssize_t *host_size, const char **port, Py_ssize_t *port_size)
+{
+    *port_size = 0;
+    PyObject *value = forwarded_host ? meta_item(meta, key_http_x_forwarded_host) : NULL;
+    if (value == NULL && !PyErr_Occurred())
+        value = meta_item(meta, key_http_host);
+    if (value != NULL)
+        return utf8_of(value, host, host_size);
+    if (PyErr_Occurred())
+        return ERROR;
+    PyObject *name = meta_item(meta, key_server_name);
+    PyObject *number = name != NULL ? meta_item(meta, key_server_port) : NULL;
+    if (name == NULL || number == NULL)
+        return PyErr_Occurred() ? ERROR : DECLINE; /* absent: "" in Python, never in Django */
+    int status = utf8_of(name, host, host_size);
     if (status == OK)
-        result = PyBytes_FromStringAndSize(buffer.data, buffer.length);
-    else if (status == DECLINE)
-        result = Py_NewRef(Py_None);
-    buffer_free(&buffer);
+        status = utf8_of(number, port, port_size);
+    const char *default_port = https ? "443" : "80";
+    if (status == OK && *port_size == (Py_ssize_t)strlen(default_port)
+            && memcmp(*port, default_port, (size_t)*port_size) == 0)
+        *port_size = 0;
+    return status;
+}
+
+/* The middleware's _uri (scheme://host/path?query), for a path and query that need no
+   quoting. `scheme`: request.scheme, or None to read wsgi.url_scheme. */
+static int pack_uri(Buffer *buffer, PyObject *meta, PyObject *path, PyObject *scheme,
+                    int forwarded_host)
+{
+    if (scheme == Py_None && (scheme = meta_item(meta, key_wsgi_url_scheme)) == NULL)
+        return PyErr_Occurred() ? ERROR : DECLINE;
+    const char *scheme_text, *host, *port = NULL;
+    Py_ssize_t scheme_size, host_size, port_size;
+    int status = utf8_of(scheme, &scheme_text, &scheme_size);
+    if (status != OK)
+        return status;
+    if (scheme_size == 0)
+        return DECLINE; /* request.scheme, in Python */
+    status = host_of(meta, forwarded_host, strcmp(scheme_text, "https") == 0, &host, &host_size,
+                     &port, &port_size);
+    if (status != OK)
+        return status;
+    PyObject *query = meta_item(meta, key_query_string);
+    if (query == NULL && PyErr_Occurred())
+        return ERROR;
+    if (query == Py_None || (query != NULL && PyUnicode_CheckExact(query)
+                             && PyUnicode_GET_LENGTH(query) == 0))
+        query = NULL;
+    if (!PyUnicode_CheckExact(path) || !is_plain(path, plain_path)
+            || (query != NULL && (!PyUnicode_CheckExact(query) || !is_plain(query, plain_query))))
+        return DECLINE; /* request.get_full_path(), in Python */
+    Py_ssize_t path_size = PyUnicode_GET_LENGTH(path);
+    Py_ssize_t query_size = query ? PyUnicode_GET_LENGTH(query) : 0;
+    status = put_header(buffer, scheme_size + 3 + host_size + (port_size ? 1 + port_size : 0)
+                        + path_size + (query ? 1 + query_size : 0), 0xa0, 32, 0xd9, 0xda, 0xdb);
+    if (status == OK)
+        status = buffer_write(buffer, scheme_text, scheme_size);
+    if (status == OK)
+        status = buffer_write(buffer, "://", 3);
+    if (status == OK)
+        status = buffer_write(buffer, host, host_size);
+    if (status == OK && port_size)
+        status = put_byte(buffer, ':');
+    if (status == OK && port_size)
+        status = buffer_write(buffer, port, port_size);
+    if (status == OK)
+        status = buffer_write(buffer, (const char *)PyUnicode_1BYTE_DATA(path), path_size);
+    if (status == OK && query != NULL)
+        status = put_byte(buffer, '?');
+    if (status == OK && query != NULL)
+        status = buffer_write(buffer, (const char *)PyUnicode_1BYTE_DATA(query), query_size);
+    return status;
+}
+
+/* 1 when `key` starts with "HTTP_", 0 when it does not, -1 when it is not a str. */
+static int is_header_key(PyObject *key)
+{
+    if (!PyUnicode_CheckExact(key))
+        return -1;
+    if (PyUnicode_GET_LENGTH(key) < 5)
+        return 0;
+    int kind = PyUnicode_KIND(key);
+    const void *data = PyUnicode_DATA(key);
+    if (kind == PyUnicode_1BYTE_KIND)
+        return memcmp(data, "HTTP_", 5) == 0;
+    static const char prefix[] = "HTTP_";
+    for (int index = 0; index < 5; index++)
+        if (PyUnicode_READ(kind, data, index) != (Py_UCS4)prefix[index])
+            return 0;
+    return 1;
+}
+
+#define MAX_REQUEST_HEADERS 256 /* more go the Python way */
+
+/* The middleware's _meta_headers as [names, values]: the META keys starting with "HTTP_" in
+   META's order, then CONTENT_TYPE and CONTENT_LENGTH when present. */
+static int pack_request_headers(Buffer *buffer, PyObject *meta)
+{
+    PyObject *names[MAX_REQUEST_HEADERS + 2], *values[MAX_REQUEST_HEADERS + 2];
+    Py_ssize_t count = 0, position = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(meta, &position, &key, &value)) {
+        int header = is_header_key(key);
+        if (header < 0 || (header && count == MAX_REQUEST_HEADERS))
+            return DECLINE;
+        if (header) {
+            names[count] = key;
+            values[count++] = value;
+        }
+    }
+    PyObject *content[2] = {key_content_type, key_content_length};
+    for (int index = 0; index < 2; index++) {
+        if ((value = meta_item(meta, content[index])) != NULL) {
+            names[count] = content[index];
+            values[count++] = value;
+        } else if (PyErr_Occurred()) {
+            return ERROR;
+        }
+    }
+    int status = put_byte(buffer, 0x92);
+    if (status == OK)
+        status = put_header(buffer, count, 0x90, 16, 0, 0xdc, 0xdd);
+    for (Py_ssize_t index = 0; index < count && status == OK; index++)
+        status = pack_str(buffer, names[index]);
+    if (status == OK)
+        status = put_header(buffer, count, 0x90, 16, 0, 0xdc, 0xdd);
+    for (Py_ssize_t index = 0; index < count && status == OK; index++)
+        status = pack(buffer, values[index], 3);
+    return status;
+}
+
+/* The middleware's _response_headers: the (name, value) pairs of Django's header store. */
+static int pack_response_headers(Buffer *buffer, PyObject *store)
+{
+    if (!PyDict_CheckExact(store))
+        return DECLINE;
+    int status = put_header(buffer, PyDict_GET_SIZE(store), 0x90, 16, 0, 0xdc, 0xdd);
+    Py_ssize_t position = 0;
+    PyObject *key, *pair;
+    while (status == OK && PyDict_Next(store, &position, &key, &pair))
+        status = pack(buffer, pair, 2);
+    return status;
+}
+
+static PyObject *pack_incoming(PyObject *module, PyObject *const *arguments, Py_ssize_t count)
+{
+    (void)module;
+    if (count != INCOMING_ARGUMENTS) {
+        PyErr_Format(PyExc_TypeError, "pack_incoming takes %d arguments (%zd given)",
+                     INCOMING_ARGUMENTS, count);
+        return NULL;
+    }
+    /* The arguments, in this order; the record's other fields come from `meta`. */
+    PyObject *meta = arguments[0], *path = arguments[1], *scheme = arguments[2];
+    int forwarded_host = PyObject_IsTrue(arguments[3]);
+    PyObject *const *times_and_verb = arguments + 4; /* request and response time, verb */
+    PyObject *request_body = arguments[7], *status_code = arguments[8], *store = arguments[9];
+    PyObject *const *tail = arguments + 10; /* response body ... settings tag: 9 fields */
+    if (forwarded_host < 0)
+        return NULL;
+    if (!PyDict_CheckExact(meta))
+        Py_RETURN_NONE;
+    PyObject *remote_addr = meta_item(meta, key_remote_addr);
+    if (remote_addr == NULL && PyErr_Occurred())
+        return NULL;
+
+    Buffer buffer;
+    buffer_init(&buffer);
+    buffer.data[buffer.length++] = CALL_KIND;
+    int status = put_header(&buffer, FIELD_COUNT, 0x90, 16, 0, 0xdc, 0xdd);
+    if (status == OK)
+        status = pack_str(&buffer, direction_incoming);
+    for (int index = 0; index < 3 && status == OK; index++)
+        status = pack(&buffer, times_and_verb[index], 1);
+    if (status == OK)
+        status = pack_uri(&buffer, meta, path, scheme, forwarded_host);
+    if (status == OK)
+        status = pack_request_headers(&buffer, meta);
+    if (status == OK)
+        status = pack(&buffer, remote_addr ? remote_addr : Py_None, 1);
+    if (status == OK)
+        status = pack(&buffer, request_body, 1);
+    if (status == OK)
+        status = pack(&buffer, status_code, 1);
+    if (status == OK)
+        status = pack_response_headers(&buffer, store);
+    for (int index = 0; index < 9 && status == OK; index++)
+        status = pack(&buffer, tail[index], 1);
+    return packed(&buffer, status);
+}
+
+/* -- transaction ids ----------------------------------------------------------------------- */
+
+/* xoshiro256** (Blackman and Vigna, public domain), seeded from getrandom() on first use in
+   each process: a forked child reseeds (pthread_atfork), so two workers never share ids. */
+static uint64_t generator[4];
+static int generator_seeded;
+
+static uint64_t rotate_left(uint64_t value, int bits)
+{
+    return (value << bits) | (value >> (64 - bits));
+}
+
+static uint64_t next_random(void)
+{
+    uint64_t result = rotate_left(generator[1] * 5, 7) * 9;
+    uint64_t shifted = generator[1] << 17;
+    generator[2] ^= generator[0];
+    generator[3] ^= generator[1];
+    generator[1] ^= generator[2];
+    generator[0] ^= generator[3];
+    generator[2] ^= shifted;
+    generator[3] = rotate_left(generator[3], 45);
     return result;
+}
+
+static void forget_seed(void)
+{
+    generator_seeded = 0;
+}
+
+static int seed_generator(void)
+{
+    char *out = (char *)generator;
+    size_t wanted = sizeof generator;
+    while (wanted > 0) {
+        ssize_t got = getrandom(out, wanted, 0);
+        if (got <= 0)
+            return 0;
+        out += got;
+        wanted -= (size_t)got;
+    }
+    generator_seeded = (generator[0] | generator[1] | generator[2] | generator[3]) != 0;
+    return generator_seeded;
+}
+
+static PyObject *transaction_id(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    if (!generator_seeded && !seed_generator())
+        Py_RETURN_NONE; /* no kernel randomness: the Python generator is used */
+    static const char digits[] = "0123456789abcdef";
+    uint64_t halves[2] = {next_random(), next_random()};
+    char hex[32];
+    for (int index = 0; index < 32; index++)
+        hex[index] = digits[(halves[index / 16] >> (4 * (index % 16))) & 15];
+    PyObject *text = PyUnicode_New(36, 127);
+    if (text == NULL)
+        return NULL;
+    Py_UCS1 *out = PyUnicode_1BYTE_DATA(text);
+    memcpy(out, hex, 8); /* 8-4-4-4-12 */
+    out[8] = '-';
+    memcpy(out + 9, hex + 8, 4);
+    out[13] = '-';
+    memcpy(out + 14, hex + 12, 4);
+    out[18] = '-';
+    memcpy(out + 19, hex + 16, 4);
+    out[23] = '-';
+    memcpy(out + 24, hex + 20, 12);
+    out[14] = '4'; /* version 4 */
+    out[19] = 'a'; /* variant 10xx */
+    return text;
 }
 
 static PyMethodDef methods[] = {
     {"pack_call", pack_call, METH_O,
      "pack_call(fields) -> the record's bytes (record.encode_call), or None: Python packs it."},
+    {"pack_incoming", (PyCFunction)(void (*)(void))pack_incoming, METH_FASTCALL,
+     "pack_incoming(meta, path, scheme, forwarded_host, request_time, response_time, verb,\n"
+     "request_body, status, header_store, response_body, transaction_id, user_id, company_id,\n"
+     "session_token, metadata, weight, blocked_by, settings_tag) -> the record's bytes of an\n"
+     "incoming call, or None: the middleware gathers the fields in Python.\n\n"
+     "`scheme` is None to read META's wsgi.url_scheme; `header_store` is the response's\n"
+     "HttpHeaders._store. Declined (None): META or the store not an exact dict, a META key not\n"
+     "a str, no Host header and no SERVER_NAME and SERVER_PORT, a path or query that Django\n"
+     "would quote, a scheme, host, port, path or query not an exact str, an empty scheme, and\n"
+     "any value pack_call declines."},
+    {"transaction_id", transaction_id, METH_NOARGS,
+     "transaction_id() -> a random UUID4 string (version nibble 4, variant nibble a), or None\n"
+     "when the kernel gives no randomness."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -213,7 +559,40 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
+static int intern_keys(void)
+{
+    struct {
+        PyObject **key;
+        const char *text;
+    } keys[] = {
+        {&key_wsgi_url_scheme, "wsgi.url_scheme"},
+        {&key_http_host, "HTTP_HOST"},
+        {&key_http_x_forwarded_host, "HTTP_X_FORWARDED_HOST"},
+        {&key_server_name, "SERVER_NAME"},
+        {&key_server_port, "SERVER_PORT"},
+        {&key_query_string, "QUERY_STRING"},
+        {&key_remote_addr, "REMOTE_ADDR"},
+        {&key_content_type, "CONTENT_TYPE"},
+        {&key_content_length, "CONTENT_LENGTH"},
+        {&direction_incoming, "Incoming"},
+    };
+    for (size_t index = 0; index < sizeof keys / sizeof keys[0]; index++)
+        if ((*keys[index].key = PyUnicode_InternFromString(keys[index].text)) == NULL)
+            return -1;
+    return 0;
+}
+
 PyMODINIT_FUNC PyInit__recordpack(void)
 {
+    for (const char *c = PLAIN_PATH; *c; c++)
+        plain_path[(unsigned char)*c] = 1;
+    for (const char *c = PLAIN_QUERY; *c; c++)
+        plain_query[(unsigned char)*c] = 1;
+    if (intern_keys() < 0)
+        return NULL;
+    if (pthread_atfork(NULL, NULL, forget_seed) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+        return NULL;
+    }
     return PyModule_Create(&module);
 }

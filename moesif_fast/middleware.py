@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import operator
+import os
 import random
 import re
 import sys
@@ -30,7 +31,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.functional import SimpleLazyObject
 from django.utils.functional import empty as lazy_empty
 
-from . import entities, outgoing, settings
+from . import compiled, entities, outgoing, settings
 from .event import EventBuilder
 from .policy import FULL_RATE, Policy, RequestFacts, Ruling
 from .record import encode_call_safely
@@ -51,9 +52,20 @@ _is_plain_query = re.compile(r"[A-Za-z0-9_.~/#%\[\]=:;$&()+,!?*@'-]*").fullmatch
 _header_getters: dict[tuple[str, ...], tuple[tuple[str, ...],
                                               Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
 _time_ns = time.time_ns
-_getrandbits = random.getrandbits  # reseeded in each forked child by the random module
-_random = random.random
+_random = random.random  # sampling draws: an application's random.seed() replays them
+_transaction_ids = random.Random()
+"""Transaction ids' own generator: an application seeding `random` must not repeat ids."""
+os.register_at_fork(after_in_child=_transaction_ids.seed)  # as `random` does for its own
+_getrandbits = _transaction_ids.getrandbits
 _BIT_128 = 1 << 128
+_NO_NEEDS: frozenset[str] = frozenset()
+_recordpack = compiled("_recordpack")
+_compiled_incoming = None if _recordpack is None else _recordpack.pack_incoming
+"""The record of an incoming call packed straight from META and the response's header store
+(docs/compiled.md): the bytes the Python path packs, or None where it leaves the call to it."""
+_compiled_transaction_id = (lambda: None) if _recordpack is None else _recordpack.transaction_id
+"""new_transaction_id's ids from a compiled generator of the same kind (seeded from the kernel,
+reseeded in a forked child), 9x cheaper; None when it cannot seed: new_transaction_id is used."""
 
 
 def new_transaction_id() -> str:
@@ -105,14 +117,17 @@ class MoesifMiddleware:
             return self.get_response(request)
         policy = self._sink.policy()
         sampled = _sample_early(policy)
-        started = self.start(request, read_body=sampled is not False)
         if not policy.governs():  # the common case: no governance rules
+            request_time = _time_ns()  # start() and finish(), without their general cases
+            request_body = self._request_body(request) if sampled is not False else None
             response = self.get_response(request)
-            try:  # finish(), without its general case
-                self._capture(request, response, *started, None, policy, None, sampled)
+            try:
+                self._capture(request, response, request_time, request_body, None, policy, None,
+                              sampled)
             except Exception:
                 self._capture_failed()
             return response
+        started = self.start(request, read_body=sampled is not False)
         ruling = self._govern(request, policy, None, None)
         blocked = self._blocked(ruling)
         if blocked is not None:
@@ -160,8 +175,7 @@ class MoesifMiddleware:
               ) -> tuple[int, bytes | int | None]:
         """Before the view: the request time and (LOG_BODY) the body, read so that the view
         can still read it."""
-        body = self._request_body(request) if read_body and self.options.LOG_BODY else None
-        return _time_ns(), body
+        return _time_ns(), self._request_body(request) if read_body else None
 
     def finish(self, request: HttpRequest, response: HttpResponseBase,
                started: tuple[int, bytes | int | None], user: Any = None, *,
@@ -248,7 +262,10 @@ class MoesifMiddleware:
 
     def _request_body(self, request: HttpRequest) -> bytes | int | None:
         """The raw request body, read before the view (which can still read it), or its size
-        when it is larger than MAX_BODY_SIZE (then it is left for the view to stream)."""
+        when it is larger than MAX_BODY_SIZE (then it is left for the view to stream); None
+        without LOG_BODY."""
+        if not self.options.LOG_BODY:
+            return None
         declared = request.META.get("CONTENT_LENGTH")
         try:
             if not declared:
@@ -277,15 +294,20 @@ class MoesifMiddleware:
         if options.SKIP and self._callback(options.SKIP, request, response):
             return
         meta = request.META
+        header_store = getattr(response.headers, "_store", None)  # {lower name: (name, value)}
         transaction_id = None
         if not options.DISABLE_TRANSACTION_ID:
             transaction_id = meta.get(TRANSACTION_HEADER_META)
             if transaction_id and len(transaction_id) <= MAX_CLIENT_TRANSACTION_ID:
                 response[TRANSACTION_HEADER] = transaction_id  # the client's: Django checks it
             else:
-                transaction_id = new_transaction_id()
-                _set_plain_header(response, TRANSACTION_HEADER, transaction_id)
-        needs = policy.sampling_needs()  # the rate depends on the request: decided now
+                transaction_id = _compiled_transaction_id() or new_transaction_id()
+                if type(header_store) is dict:  # Django's layout since 3.2: written straight
+                    header_store[TRANSACTION_HEADER] = (TRANSACTION_HEADER, transaction_id)
+                else:  # in, a third of the cost of Django's checks of a plain ASCII value
+                    response[TRANSACTION_HEADER] = transaction_id
+        # The rate depends on the request (decided now) only when it was not decided early.
+        needs = policy.sampling_needs() if sampled is None else _NO_NEEDS
         facts = self._facts(request, needs, response, user) if needs else None
         rate = policy.global_sample_rate if facts is None else policy.sample_rate(facts)
         if sampled is None and rate < FULL_RATE and not Policy.keep(rate, _random()):
@@ -294,7 +316,8 @@ class MoesifMiddleware:
         user_id = facts.user_id if facts is not None and "user_id" in needs \
             else self._user_id(request, response, user)
         company_id = facts.company_id if facts is not None and "company_id" in needs \
-            else self._company_id(request, response)
+            else options.IDENTIFY_COMPANY and self._callback(options.IDENTIFY_COMPANY, request,
+                                                             response)
         method = request.method or ""
         response_body = None  # none for HEAD either: no body goes out on the wire (W22)
         if options.LOG_BODY and isinstance(response, HttpResponse) and method != "HEAD":
@@ -302,19 +325,30 @@ class MoesifMiddleware:
             if content:
                 response_body = content if len(content) <= options.MAX_BODY_SIZE \
                     else len(content)
-        fields = (
-            "Incoming", request_time, response_time, method, self._uri(request),
-            _meta_headers(meta), meta.get("REMOTE_ADDR"), request_body, response.status_code,
-            _response_headers(response), response_body, transaction_id, user_id, company_id,
-            self._session_token(request, response),
-            options.GET_METADATA and self._callback(options.GET_METADATA, request, response),
-            1 if rate >= FULL_RATE else Policy.weight(rate), blocked_by, options.settings_tag,
-        )
-        payload = encode_call_safely(fields)
-        if len(payload) > self._sink.max_record:  # too big for the ring: keep the event,
-            fields = fields[:7] + (_size(request_body),) + fields[8:10] + (  # mark the bodies
-                _size(response_body),) + fields[11:]
+        session_token = self._session_token(request, response)
+        metadata = options.GET_METADATA and self._callback(options.GET_METADATA, request,
+                                                           response)
+        weight = 1 if rate >= FULL_RATE else Policy.weight(rate)
+        payload = None
+        if _compiled_incoming is not None:  # the common case, straight from META and headers
+            payload = _compiled_incoming(
+                meta, request.path, request.scheme if self._proxy_ssl_header else None,
+                self._forwarded_host, request_time, response_time, method, request_body,
+                response.status_code, header_store, response_body,
+                transaction_id, user_id, company_id, session_token, metadata, weight, blocked_by,
+                options.settings_tag)
+        if payload is None or len(payload) > self._sink.max_record:
+            fields = (
+                "Incoming", request_time, response_time, method, self._uri(request),
+                _meta_headers(meta), meta.get("REMOTE_ADDR"), request_body,
+                response.status_code, _response_headers(response), response_body,
+                transaction_id, user_id, company_id, session_token, metadata, weight, blocked_by,
+                options.settings_tag)
             payload = encode_call_safely(fields)
+            if len(payload) > self._sink.max_record:  # too big for the ring: keep the event,
+                fields = fields[:7] + (_size(request_body),) + fields[8:10] + (  # mark bodies
+                    _size(response_body),) + fields[11:]
+                payload = encode_call_safely(fields)
         written = self._sink.append(payload)
         if options.LOCAL_DEBUG:  # never headers, bodies or the query string: they hold secrets
             logger.info("moesif_fast: %s %s -> %d, %s", request.method, request.path,
@@ -339,11 +373,6 @@ class MoesifMiddleware:
 
     def _callback(self, callback: Callable[..., Any], *args: object) -> Any:
         return settings.call_user_function(self.options, callback, *args)
-
-    def _company_id(self, request: HttpRequest, response: HttpResponseBase) -> Any:
-        if self.options.IDENTIFY_COMPANY is None:
-            return None
-        return self._callback(self.options.IDENTIFY_COMPANY, request, response)
 
     def _user_id(self, request: HttpRequest, response: HttpResponseBase, user: Any) -> Any:
         if self.options.IDENTIFY_USER is not None:
@@ -409,17 +438,6 @@ def _full_path(request: HttpRequest) -> str:
     if _is_plain_path(path) and (not query or _is_plain_query(query)):
         return f"{path}?{query}" if query else path
     return request.get_full_path()
-
-
-def _set_plain_header(response: HttpResponseBase, lowercase_name: str, value: str) -> None:
-    """`response[lowercase_name] = value` for a name and value known to be plain ASCII (what
-    Django's checks would let through unchanged), written straight into the header store when
-    it has the layout Django uses since 3.2 ({lower name: (name, value)}): a third the cost."""
-    store = getattr(response.headers, "_store", None)
-    if type(store) is dict:
-        store[lowercase_name] = (lowercase_name, value)
-    else:
-        response[lowercase_name] = value
 
 
 def _meta_headers(meta: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Any, ...]]:

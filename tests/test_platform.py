@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -57,7 +58,7 @@ from django.views.decorators.csrf import csrf_exempt  # noqa: E402
 from moesif_fast import __version__, entities, ringfile, snapshot  # noqa: E402
 from moesif_fast.collector import LocalCollector  # noqa: E402
 from moesif_fast.demo.run import APPLICATION_ID, start_collector, start_gunicorn  # noqa: E402
-from moesif_fast.middleware import MoesifMiddleware, new_transaction_id  # noqa: E402
+from moesif_fast.middleware import MoesifMiddleware  # noqa: E402
 from moesif_fast.policy import Policy  # noqa: E402
 from moesif_fast.ringbuffer import Geometry, RingFile  # noqa: E402
 from moesif_fast.settings import load  # noqa: E402
@@ -301,30 +302,28 @@ def test_sample_rate_30_under_gunicorn_delivers_about_30_percent_with_weight_3(
 def test_seeded_sampling_keeps_exactly_the_replayed_draws(
         start_pipeline: Callable[..., Pipeline]) -> None:
     """Per request the middleware draws random.random() for sampling (a global rate is
-    decided before the view), then, for a kept request only, random.getrandbits(128) for the
-    transaction id (nothing else in the request path uses `random`), so one seed gives one
-    exact kept set; sampled-out requests get no transaction id (there is no event)."""
+    decided before the view), and nothing else in the request path uses `random` (transaction
+    ids come from a generator of their own), so one seed gives one exact kept set; kept
+    requests carry a transaction id and have exactly one event each, sampled-out ones neither."""
     pipeline = start_pipeline(config={"sample_rate": 30})
     pipeline.wait_for_policy()
     seed, count = 20240517, 600
 
     random.seed(seed)
-    replayed = []
-    for _ in range(count):
-        keep = Policy.keep(30, random.random())
-        replayed.append((new_transaction_id() if keep else None, keep))
+    kept = {number for number in range(count) if Policy.keep(30, random.random())}
 
     random.seed(seed)
     with pipeline.client() as client:
         answered = [client.get(f"/plain?n={number}") for number in range(count)]
 
     assert [response.status_code for response in answered] == [200] * count
-    assert [response.get("x-moesif-transaction-id") for response in answered] == \
-        [transaction_id for transaction_id, _ in replayed]
-    kept = {transaction_id for transaction_id, keep in replayed if keep}
+    assert {number for number, response in enumerate(answered)
+            if response.has_header("x-moesif-transaction-id")} == kept
     assert 0.2 * count < len(kept) < 0.4 * count
     events = events_by_transaction_id(pipeline.wait_for_events(len(kept)))
-    assert events.keys() == kept
+    assert {int(parse_qs(urlsplit(event["request"]["uri"]).query)["n"][0]): transaction_id
+            for transaction_id, event in events.items()} == {
+        number: answered[number]["x-moesif-transaction-id"] for number in kept}
     assert {event["weight"] for event in events.values()} == {3}
 
 
