@@ -47,6 +47,7 @@ from moesif_fast.ringbuffer import (
     RingFile,
     RingFormatError,
 )
+from moesif_fast.ringbuffer import producer as producer_module
 from moesif_fast.ringbuffer.layout import (
     APPENDED,
     CONSUMED,
@@ -747,6 +748,9 @@ def append_under_a_fast_timer(path: str, conn: Connection) -> None:
 @pytest.mark.slow
 def test_a_signal_handler_appending_in_the_middle_of_an_append_does_not_deadlock(
         make_ring: Callable[..., RingFile], spawn: Callable[..., BaseProcess]) -> None:
+    """In Python an alarm lands inside some appends: the handler's append is then dropped and
+    counted. The compiled append to an owned lane is one C call, inside which no handler runs:
+    the handler's appends are then all accepted."""
     ring = make_ring(Geometry(2, 16 * MiB, 1_000_000))  # big enough never to fill
     receiver, sender = FORK.Pipe(duplex=False)
     child = spawn(append_under_a_fast_timer, ring.path, sender)
@@ -758,7 +762,10 @@ def test_a_signal_handler_appending_in_the_middle_of_an_append_does_not_deadlock
     assert child.exitcode == 0
 
     assert report["main_dropped"] == [], "the main loop's appends are never nested"
-    assert report["dropped"] > 0, "no alarm landed inside an append: nothing was tested"
+    if producer_module._lane is None:
+        assert report["dropped"] > 0, "no alarm landed inside an append: nothing was tested"
+    else:
+        assert report["dropped"] == 0, "a handler ran inside a compiled append"
     assert report["accepted"] > 0
     drain = Drain(Reader(ring))
     drain.until_empty()

@@ -16,6 +16,8 @@ compare process ids, a system call, on every record).
 The write and publish of a record (`_append`) run in C (`_lane.append`, the same bytes and
 counts, and a release store for the publish) when the extension is built, the ring publishes
 with plain stores, and MOESIF_FAST_PURE_PYTHON is not 1; the Python code is the reference.
+Once this process owns a lane, such an append takes no lock: one call into C holding the GIL
+runs no Python code, so no other thread and no signal handler can run in the middle of it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from functools import partial
 
 from .. import compiled
 from .layout import (
@@ -80,6 +84,8 @@ class Producer:
         self._lock = threading.RLock()  # RLock: a signal handler re-entering does not deadlock
         self._appending = False
         self._lane: int | None = None
+        self._append_to_lane: Callable[[bytes], bool] | None = None
+        """The compiled append to the owned lane (see the module docstring), or None."""
         self._lane_fd: int | None = None
         self._overflow_fd: int | None = None
         self._sync_fds: dict[int, int] = {}  # lane → its sync lock (locked-publish mode)
@@ -92,6 +98,9 @@ class Producer:
 
     def append(self, record: bytes) -> bool:
         """Append one record. True when it is published; False when it was dropped (counted)."""
+        append_to_lane = self._append_to_lane
+        if append_to_lane is not None and not self._appending:
+            return append_to_lane(record)
         with self._lock:
             if self._appending:  # re-entered from a signal handler in the middle of an append
                 self._count_nested_drop()
@@ -110,7 +119,7 @@ class Producer:
             self._close_descriptors()
             self._lane_fd = self._overflow_fd = None
             self._sync_fds = {}
-            self._lane = None
+            self._lane = self._append_to_lane = None
 
     # -- internals -------------------------------------------------------------------------
 
@@ -183,6 +192,10 @@ class Producer:
             if try_lock(fd):
                 self._lane, self._lane_fd = lane, fd
                 self._words[self.ring.control_word(lane, OWNER_PID)] = self._pid
+                if self._compiled_append is not None:
+                    self._append_to_lane = partial(
+                        self._compiled_append, self._bytes, *self._lanes[lane], self._capacity,
+                        self._max_record, self._max_records)
                 self._flush_busy_drops(lane)
                 return True
             os.close(fd)
