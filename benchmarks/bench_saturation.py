@@ -1,29 +1,34 @@
 """Sustained saturation: what capture costs, and what is delivered, when the server is flat out.
 
-The example API under gunicorn (2 sync workers, the hooks) takes unpaced load
-for SATURATION_S seconds (30 by default; MOESIF_BENCH_SATURATION_S overrides it for a quick
-run) from 2 client processes x 4 threads, a 1 KB JSON POST per request and a new connection per
-request, as in bench_gunicorn.py. First without capture (MOESIF_DEMO_CAPTURE=0), for the
-baseline's requests/s, then with it. The ring and the spool are in a temporary directory
-(RING_DIR and SPOOL_DIR).
+The example API under gunicorn (2 sync workers, the hooks) takes unpaced load from 2 client
+processes x 4 threads, a 1 KB JSON POST per request and a new connection per request, as in
+bench_gunicorn.py, in alternating rounds of SATURATION_S seconds (10 by default;
+MOESIF_BENCH_SATURATION_S overrides it): without capture (MOESIF_DEMO_CAPTURE=0), with it,
+without, with... ROUNDS of each (3; MOESIF_BENCH_SATURATION_ROUNDS). Each round starts a server,
+loads it untimed for WARMUP_S seconds (a fresh server's first seconds, its shipper's start among
+them, are not the steady state a server spends its life in), then for the timed round, and
+stops it with SIGTERM. A shared machine drifts by tens of percent over a minute, so each
+capture round is compared with the rounds without capture beside it (its paired ratio); the
+report has every round, the paired ratios and their median, and the ratio of the totals. The
+capture servers share one ring and spool folder (RING_DIR and SPOOL_DIR): what one leaves in the
+spool, the next delivers.
 
-When the load stops, the report has: requests answered and requests/s, the events the collector
-holds then (and their share of the answered requests), the shipper's spool counters and the
-ring's drops (`python -m moesif_fast stats --json`). Then SIGTERM: the share delivered once
-gunicorn has exited (what SHUTDOWN_DEADLINE let the shipper deliver). If events are still
-missing, the server is started again with the same options, which delivers what the first one
-left in the spool; the report adds the time until every answered request's event arrived.
-Asserted: every answered request has an event in the end, and nothing was dropped (events
-delivered twice are allowed, at-least-once, and reported).
-No timing is asserted.
+For each capture round the report has: requests answered and requests/s, the events the
+collector holds when the load stops, the shipper's spool counters and the ring's drops (`python
+-m moesif_fast stats --json`), and the events held once gunicorn has exited after SIGTERM (what
+SHUTDOWN_DEADLINE let the shipper deliver). If events are still missing after the last round,
+the server is started again with the same options, which delivers what was left in the spool;
+the report adds the time until every answered request's event arrived. Asserted: every answered
+request has an event in the end, and nothing was dropped (events delivered twice are allowed,
+at-least-once, and reported). No timing is asserted.
 
 The local collector stands in for Moesif's servers, whose work is not on the host at all: it
 runs at nice 19, so that it takes only CPU time the server leaves idle.
 
     python -m pytest benchmarks/bench_saturation.py --benchmark-only -s
 
-The benchmark's own row is the capture run's load; the results are in extra_info, printed, and
-in the summary after the table.
+The benchmark's own row is the whole alternating run; the results are in extra_info, printed,
+and in the summary after the table.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,7 +52,9 @@ import pytest
 from moesif_fast.collector import read_events, read_stats
 from moesif_fast.demo.run import start_collector, start_gunicorn, stop
 
-SATURATION_S = float(os.environ.get("MOESIF_BENCH_SATURATION_S", "30"))
+SATURATION_S = float(os.environ.get("MOESIF_BENCH_SATURATION_S", "10"))  # one round
+ROUNDS = int(os.environ.get("MOESIF_BENCH_SATURATION_ROUNDS", "3"))  # of each kind
+WARMUP_S = 2.0  # untimed load on each new server before its round
 CLIENT_PROCESSES = 2
 THREADS_PER_PROCESS = 4
 WORKERS = 2
@@ -93,11 +101,11 @@ def client_process(url: str, deadline: float, label: str) -> tuple[list[str], in
     return [rid for answered, _ in results for rid in answered], sum(f for _, f in results)
 
 
-def saturate(url: str, clients: concurrent.futures.ProcessPoolExecutor, label: str
-             ) -> tuple[list[str], int, float]:
-    """Unpaced load for SATURATION_S seconds: the answered ids, the failures, the time taken."""
+def saturate(url: str, clients: concurrent.futures.ProcessPoolExecutor, label: str,
+             seconds: float = SATURATION_S) -> tuple[list[str], int, float]:
+    """Unpaced load for `seconds`: the answered ids, the failures, the time taken."""
     started = time.monotonic()
-    deadline = started + SATURATION_S
+    deadline = started + seconds
     results = list(clients.map(client_process, [url] * CLIENT_PROCESSES,
                                [deadline] * CLIENT_PROCESSES,
                                [f"{label}{n}" for n in range(CLIENT_PROCESSES)]))
@@ -158,10 +166,20 @@ def collector() -> Iterator[tuple[str, str]]:
         stop(process)
 
 
+def paired_ratios(with_rates: list[float], without_rates: list[float]) -> list[float]:
+    """Each capture round's rate over the mean rate of the rounds without capture beside it
+    (the one before it and, if there is one, the one after it)."""
+    ratios = []
+    for number, rate in enumerate(with_rates):
+        beside = without_rates[number:number + 2]
+        ratios.append(rate / (sum(beside) / len(beside)))
+    return ratios
+
+
 def test_saturation_then_sigterm(benchmark, collector: tuple[str, str], clients,
                                  report: Callable[[str], None]) -> None:
     collector_url, db_path = collector
-    info: dict[str, Any] = {"seconds": SATURATION_S}
+    info: dict[str, Any] = {"seconds_per_round": SATURATION_S, "rounds_of_each": ROUNDS}
     lines: list[str] = []
 
     def say(line: str) -> None:
@@ -169,73 +187,88 @@ def test_saturation_then_sigterm(benchmark, collector: tuple[str, str], clients,
         lines.append(line)
 
     with tempfile.TemporaryDirectory(prefix="bench-saturation-") as directory:
-        # Baseline: the same server without the middleware.
-        baseline_dir = os.path.join(directory, "baseline")
-        os.mkdir(baseline_dir, 0o700)
-        os.environ["MOESIF_DEMO_CAPTURE"] = "0"
-        try:
-            server, url = start_gunicorn(baseline_dir, collector_url, workers=WORKERS,
-                                         options={"RING_DIR": baseline_dir,
-                                                  "SPOOL_DIR": baseline_dir})
-        finally:
-            del os.environ["MOESIF_DEMO_CAPTURE"]
-        try:
-            answered_ids, failed, elapsed = saturate(url, clients, "b")
-        finally:
-            exit_code = stop(server, STOP_TIMEOUT)
-        assert exit_code == 0, f"gunicorn exited with {exit_code}"
-        baseline_rate = len(answered_ids) / elapsed
-        info["without_capture"] = {"answered": len(answered_ids), "failed": failed,
-                                   "requests_per_second": round(baseline_rate)}
-        say(f"without capture: {len(answered_ids):,} answered ({failed} failed) in "
-            f"{elapsed:.1f} s, {baseline_rate:,.0f} requests/s")
-        events_before = read_stats(db_path)["events"]
-        assert events_before == 0, "the server without capture sent events"
-
-        # With capture.
         ring_dir = os.path.join(directory, "capture")
         os.mkdir(ring_dir, 0o700)
         options: dict[str, object] = {"RING_DIR": ring_dir, "SPOOL_DIR": ring_dir}
-        server, url = start_gunicorn(ring_dir, collector_url, workers=WORKERS, options=options)
-        loaded: dict[str, Any] = {}
+        without: list[dict[str, Any]] = []
+        with_capture: list[dict[str, Any]] = []
+        answered: list[str] = []
 
-        def capture_run() -> None:
-            loaded["ids"], loaded["failed"], loaded["elapsed"] = saturate(url, clients, "c")
-            loaded["delivered"] = read_stats(db_path)["events"]
-            loaded["reports"] = ring_reports(ring_dir)
+        def without_capture_round(number: int) -> None:
+            round_dir = os.path.join(directory, f"baseline-{number}")
+            os.mkdir(round_dir, 0o700)
+            os.environ["MOESIF_DEMO_CAPTURE"] = "0"
+            try:
+                server, url = start_gunicorn(round_dir, collector_url, workers=WORKERS,
+                                             options={"RING_DIR": round_dir,
+                                                      "SPOOL_DIR": round_dir})
+            finally:
+                del os.environ["MOESIF_DEMO_CAPTURE"]
+            try:
+                saturate(url, clients, f"bw{number}-", WARMUP_S)
+                ids, failed, elapsed = saturate(url, clients, f"b{number}-")
+            finally:
+                exit_code = stop(server, STOP_TIMEOUT)
+            assert exit_code == 0, f"gunicorn exited with {exit_code}"
+            without.append({"answered": len(ids), "failed": failed,
+                            "requests_per_second": len(ids) / elapsed})
+            say(f"round {2 * number + 1}, without capture: {len(ids):,} answered ({failed} "
+                f"failed) in {elapsed:.1f} s, {len(ids) / elapsed:,.0f} requests/s")
 
-        try:
-            benchmark.pedantic(capture_run, rounds=1, iterations=1)
-        finally:
-            exit_code = stop(server, STOP_TIMEOUT)
-        delivered_at_exit = read_stats(db_path)["events"]
-        assert exit_code == 0, f"gunicorn exited with {exit_code}"
+        def capture_round(number: int) -> None:
+            server, url = start_gunicorn(ring_dir, collector_url, workers=WORKERS,
+                                         options=options)
+            try:
+                warmup_ids, _, _ = saturate(url, clients, f"cw{number}-", WARMUP_S)
+                ids, failed, elapsed = saturate(url, clients, f"c{number}-")
+                held = read_stats(db_path)["events"]
+                reports = ring_reports(ring_dir)
+            finally:
+                exit_code = stop(server, STOP_TIMEOUT)
+            assert exit_code == 0, f"gunicorn exited with {exit_code}"
+            assert len(reports) == 1, reports
+            answered.extend(warmup_ids + ids)  # every answered request's event is checked
+            held_after_sigterm = read_stats(db_path)["events"]
+            result = {
+                "answered": len(ids), "failed": failed,
+                "requests_per_second": len(ids) / elapsed,
+                "answered_so_far": len(answered), "events_held_at_load_stop": held,
+                "spool_at_load_stop": spool_of(reports[0]),
+                "ring_dropped_at_load_stop": reports[0]["dropped"],
+                "events_held_after_sigterm": held_after_sigterm}
+            with_capture.append(result)
+            say(f"round {2 * number + 2}, with capture: {len(ids):,} answered ({failed} "
+                f"failed) in {elapsed:.1f} s, {len(ids) / elapsed:,.0f} requests/s; of the "
+                f"{len(answered):,} answered so far (warm-ups too), {held:,} events held when "
+                f"the load stopped, {held_after_sigterm:,} after SIGTERM; spool "
+                f"{result['spool_at_load_stop']}; ring dropped "
+                f"{result['ring_dropped_at_load_stop']}")
 
-        answered = loaded["ids"]
-        count = len(answered)
-        rate = count / loaded["elapsed"]
-        reports = loaded["reports"]
-        assert len(reports) == 1, reports
-        spool = spool_of(reports[0])
-        ring_dropped = reports[0]["dropped"]
-        info["with_capture"] = {
-            "answered": count, "failed": loaded["failed"], "requests_per_second": round(rate),
-            "delivered_at_load_stop": loaded["delivered"],
-            "delivered_ratio_at_load_stop": round(loaded["delivered"] / count, 4),
-            "spool_at_load_stop": spool, "ring_dropped_at_load_stop": ring_dropped,
-            "delivered_after_sigterm": delivered_at_exit,
-            "delivered_ratio_after_sigterm": round(delivered_at_exit / count, 4)}
-        info["ratio_with_over_without"] = round(rate / baseline_rate, 3)
-        say(f"with capture: {count:,} answered ({loaded['failed']} failed) in "
-            f"{loaded['elapsed']:.1f} s, {rate:,.0f} requests/s "
-            f"({rate / baseline_rate:.2f} of without)")
-        say(f"  when the load stopped: {loaded['delivered']:,} delivered "
-            f"({loaded['delivered'] / count:.3f} of answered); spool {spool}; "
-            f"ring dropped {ring_dropped}")
-        say(f"  after SIGTERM (gunicorn exited): {delivered_at_exit:,} delivered "
-            f"({delivered_at_exit / count:.3f} of answered)")
+        def alternating_rounds() -> None:
+            for number in range(ROUNDS):
+                without_capture_round(number)
+                capture_round(number)
+            without_capture_round(ROUNDS)  # the last capture round has a neighbour after it
 
-        # What the first server left in its spool: the next start delivers it.
+        benchmark.pedantic(alternating_rounds, rounds=1, iterations=1)
+        assert not any(str(rid).startswith("b") for rid in events_by_request_id(db_path)), \
+            "a server without capture sent events"
+
+        ratios = paired_ratios([r["requests_per_second"] for r in with_capture],
+                               [r["requests_per_second"] for r in without])
+        total_with = sum(r["answered"] for r in with_capture) / (ROUNDS * SATURATION_S)
+        total_without = sum(r["answered"] for r in without) / ((ROUNDS + 1) * SATURATION_S)
+        info["without_capture"] = without
+        info["with_capture"] = with_capture
+        info["paired_ratios"] = [round(ratio, 3) for ratio in ratios]
+        info["median_paired_ratio"] = round(statistics.median(ratios), 3)
+        info["ratio_of_totals"] = round(total_with / total_without, 3)
+        say(f"paired ratios (each capture round over the rounds without capture beside it): "
+            f"{', '.join(f'{ratio:.3f}' for ratio in ratios)}; median "
+            f"{statistics.median(ratios):.3f}; ratio of the totals "
+            f"{total_with / total_without:.3f}")
+
+        # What the last server left in its spool: the next start delivers it.
         restart: dict[str, Any] = {"needed": not all_arrived(db_path, answered)}
         final_reports: list[dict[str, Any]] = []
         if restart["needed"]:
@@ -253,6 +286,7 @@ def test_saturation_then_sigterm(benchmark, collector: tuple[str, str], clients,
                 exit_code = stop(server, STOP_TIMEOUT)
             assert exit_code == 0, f"the restarted gunicorn exited with {exit_code}"
         events = events_by_request_id(db_path)
+        count = len(answered)
         delivered_final = sum(1 for rid in answered if rid in events)
         twice = sum(number - 1 for number in events.values() if number > 1)
         unexpected = sorted(events.keys() - set(answered))
@@ -262,10 +296,10 @@ def test_saturation_then_sigterm(benchmark, collector: tuple[str, str], clients,
         restart["events_of_requests_not_answered"] = len(unexpected)
         info["restart"] = restart
         if restart["needed"]:
-            say(f"  restarted: every answered request's event arrived "
+            say(f"restarted: every answered request's event arrived "
                 f"{restart['seconds_to_all_delivered']:.1f} s after the start")
-        say(f"  final: {delivered_final:,} answered requests' events delivered "
-            f"({delivered_final / count:.4f} of answered); {twice} delivered twice, "
+        say(f"final: {delivered_final:,} answered requests' events delivered "
+            f"({delivered_final / count:.4f} of {count:,} answered); {twice} delivered twice, "
             f"{len(unexpected)} of requests not answered")
 
     benchmark.extra_info.update(info)
@@ -276,13 +310,14 @@ def test_saturation_then_sigterm(benchmark, collector: tuple[str, str], clients,
     assert not missing, f"{len(missing)} answered requests have no event, e.g. {missing[:5]}"
     # Duplicates are allowed (at-least-once: a batch delivered just as the deadline or the
     # ring stage cancelled it is sent again), and reported above.
-    if not loaded["failed"]:  # a request that failed at the client may have an event
+    if not any(r["failed"] for r in with_capture):  # a failed request may have an event
         assert not unexpected, f"events for requests not answered, e.g. {unexpected[:5]}"
     assert delivered_final / count == 1.0
-    assert ring_dropped == 0
+    assert all(r["ring_dropped_at_load_stop"] == 0 for r in with_capture), with_capture
     for final in final_reports:
         assert final["dropped"] == 0, final["lanes"]
-    for counters in [spool] + [spool_of(final) for final in final_reports]:
+    for counters in [r["spool_at_load_stop"] for r in with_capture] + [
+            spool_of(final) for final in final_reports]:
         if counters is not None:
             assert counters["dropped_full"] == counters["dropped_corrupt"] == 0, counters
             assert counters["write_errors"] == 0, counters
