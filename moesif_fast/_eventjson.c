@@ -27,6 +27,16 @@ of those rules. */
 #define DECLINE 1 /* left to the Python path: encode returns None */
 #define ERROR (-1) /* a Python exception is set */
 
+/* Returns the status of `expression` unless it is OK. */
+#define CHECK(expression)             \
+    do {                              \
+        int status_ = (expression);   \
+        if (status_ != OK)            \
+            return status_;           \
+    } while (0)
+
+#define MEMO_ENTRIES 1024 /* event.py's _CACHE_ENTRIES: the bound of every memo */
+
 /* Nesting this file writes at most; orjson refuses 255 levels, and the Python path handles
    the rest. */
 #define MAX_DEPTH 128
@@ -35,6 +45,7 @@ of those rules. */
    MAX_EXPONENT_DIGITS long: orjson refuses numbers that overflow a double. */
 #define MAX_FINITE_DIGITS 300
 #define MAX_EXPONENT_DIGITS 4
+#define SECOND_TEXT 21 /* the start of a time in the event: "\"YYYY-MM-DDTHH:MM:SS." */
 
 typedef struct {
     PyObject_HEAD
@@ -51,10 +62,14 @@ typedef struct {
     PyObject *header_names;          /* the builder's memos (dicts) */
     PyObject *user_ids;
     PyObject *addresses;
+    PyObject *request_masked_names;  /* this encoder's memos (dicts): see mask_headers */
+    PyObject *response_masked_names;
     PyObject *incoming_header_name;  /* the builder's methods, called on a memo miss */
     PyObject *user_id_from_headers;
     PyObject *client_ip;
     PyObject *new_transaction_id;    /* () -> a fresh transaction id */
+    long long formatted_second;      /* see write_time */
+    char second_text[SECOND_TEXT];
 } Encoder;
 
 #define WRITE_LITERAL(buffer, text) buffer_write((buffer), (text), (Py_ssize_t)(sizeof(text) - 1))
@@ -76,61 +91,98 @@ static const char HEX_DIGITS[] = "0123456789abcdef";
 #define ONES 0x0101010101010101ULL
 #define HIGHS 0x8080808080808080ULL
 
+/* The 8 bytes at `bytes`, the first in the lowest bits whatever the machine's byte order (so
+   that the lowest flag of a mask below is the first byte). */
 static uint64_t load8(const unsigned char *bytes)
 {
     uint64_t word;
     memcpy(&word, bytes, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    word = __builtin_bswap64(word);
+#endif
     return word;
 }
 
-/* Whether none of the 8 bytes in `word` is below 0x20, '"' or '\\' (the bytes JSON escapes;
-   the usual bit tricks for "some byte is zero / less than n", exact for that question). */
-static int escapes_none(uint64_t word)
+/* The usual bit tricks for "some byte is zero / less than n", on all 8 bytes of a word at
+   once: each returns the high bit of every byte it flags. A borrow only runs upwards from a
+   flagged byte, so the mask is 0 exactly when no byte is flagged, and its lowest flag is
+   always right: the first byte to look at (mask_offset). */
+
+/* The bytes orjson escapes: below 0x20, '"' and '\\' (a byte of 0x80 or more is never one). */
+static uint64_t escaped_bytes(uint64_t word)
 {
-    uint64_t quote = word ^ (ONES * '"'), backslash = word ^ (ONES * '\\');
-    uint64_t alarms = ((word - ONES * 0x20) & ~word) | ((quote - ONES) & ~quote)
-                      | ((backslash - ONES) & ~backslash);
-    return (alarms & HIGHS) == 0;
+    return ((word - ONES * 0x20) | ((word ^ (ONES * '"')) - ONES)
+            | ((word ^ (ONES * '\\')) - ONES)) & ~word & HIGHS;
 }
 
+/* The bytes a JSON string cannot hold as they are: those escaped_bytes flags, and every byte of
+   0x80 or more (the start or the rest of a UTF-8 sequence, to check). */
+static uint64_t special_bytes(uint64_t word)
+{
+    return ((word - ONES * 0x20) | ((word ^ (ONES * '"')) - ONES)
+            | ((word ^ (ONES * '\\')) - ONES) | word) & HIGHS;
+}
+
+/* The offset in its word of the first byte a non-zero mask flags. */
+static Py_ssize_t mask_offset(uint64_t mask)
+{
+    return __builtin_ctzll(mask) / 8;
+}
+
+/* `text` in quotes, escaped, copied as it is scanned: a word at a time, or a byte at a time
+   in the last 7 bytes (no call to memcpy for the short strings most are). */
 static int write_escaped(Buffer *buffer, const unsigned char *text, Py_ssize_t length)
 {
-    if (length > PY_SSIZE_T_MAX - 2) {
+    if (length > PY_SSIZE_T_MAX - 8) { /* so that no size below overflows */
         PyErr_NoMemory();
         return ERROR;
     }
+    /* room for the text if nothing is escaped; each escape makes its own room */
     if (buffer_reserve(buffer, length + 2) != OK)
         return ERROR;
-    buffer->data[buffer->length++] = '"';
-    Py_ssize_t start = 0;
-    for (Py_ssize_t i = 0; i < length; i++) {
-        while (length - i >= 8 && escapes_none(load8(text + i)))
-            i += 8;
-        if (i >= length)
-            break;
-        char escape = ESCAPES[text[i]];
-        if (escape == 0)
+    char *out = buffer->data + buffer->length;
+    *out++ = '"';
+    Py_ssize_t i = 0;
+    while (i < length) {
+        if (length - i >= 8) {
+            /* the 8 bytes fit: the room left is at least length - i + 1 */
+            uint64_t escaped = escaped_bytes(load8(text + i));
+            Py_ssize_t plain = escaped == 0 ? 8 : mask_offset(escaped);
+            memcpy(out, text + i, 8);
+            out += plain;
+            i += plain;
+            if (escaped == 0)
+                continue;
+        } else if (ESCAPES[text[i]] == 0) {
+            *out++ = (char)text[i++];
             continue;
-        char sequence[6] = {'\\', escape, '0', '0', 0, 0};
-        Py_ssize_t size = 2;
-        if (escape == 'u') {
-            sequence[4] = HEX_DIGITS[text[i] >> 4];
-            sequence[5] = HEX_DIGITS[text[i] & 0xf];
-            size = 6;
         }
-        if (buffer_write(buffer, (const char *)text + start, i - start) != OK
-                || buffer_write(buffer, sequence, size) != OK)
+        /* text[i] is escaped: up to 5 more bytes than the 1 reserved for it */
+        buffer->length = out - buffer->data;
+        if (buffer_reserve(buffer, length - i + 6) != OK)
             return ERROR;
-        start = i + 1;
+        out = buffer->data + buffer->length;
+        char escape = ESCAPES[text[i]];
+        *out++ = '\\';
+        *out++ = escape;
+        if (escape == 'u') {
+            *out++ = '0';
+            *out++ = '0';
+            *out++ = HEX_DIGITS[text[i] >> 4];
+            *out++ = HEX_DIGITS[text[i] & 0xf];
+        }
+        i++;
     }
-    if (buffer_write(buffer, (const char *)text + start, length - start) != OK)
-        return ERROR;
-    return buffer_write(buffer, "\"", 1);
+    *out++ = '"';
+    buffer->length = out - buffer->data;
+    return OK;
 }
 
 /* A str; DECLINE for one with a lone surrogate (orjson refuses it). */
 static int write_str(Buffer *buffer, PyObject *text)
 {
+    if (PyUnicode_IS_COMPACT_ASCII(text)) /* the usual str: its ASCII text is its UTF-8 */
+        return write_escaped(buffer, PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text));
     Py_ssize_t length;
     const char *utf8 = PyUnicode_AsUTF8AndSize(text, &length);
     if (utf8 == NULL) {
@@ -259,6 +311,135 @@ static int write_value(Buffer *buffer, PyObject *value, int depth)
     return DECLINE;
 }
 
+/* --- headers ------------------------------------------------------------------------------- */
+
+/* More header entries than this on one side of a call (the transaction header included):
+   DECLINE, which keeps the pairwise search for repeated names below cheap. */
+#define MAX_HEADERS 128
+
+/* Headers as the dict event.py builds holds them, without building it: the (name, value)
+   entries in the order they are set and, as a name set again keeps its first place and takes
+   the last value, for each entry the one holding its name's value. */
+typedef struct {
+    Py_ssize_t count;
+    PyObject *names[MAX_HEADERS];  /* new references, exact str */
+    Py_hash_t hashes[MAX_HEADERS];
+    PyObject *values[MAX_HEADERS]; /* borrowed: tuples of the call, or the call, hold them */
+    /* set by index_headers: the index of the entry holding the value of this entry's name, or
+       -1 for an entry whose name an earlier entry has (it is not in the dict's order) */
+    Py_ssize_t value_at[MAX_HEADERS];
+    /* set by index_headers: bit `hash % 64` of every name's hash, so that most names that are
+       not there, and most that are new, are known without comparing with every entry */
+    uint64_t hash_bits;
+} Headers;
+
+static void headers_clear(Headers *headers)
+{
+    for (Py_ssize_t i = 0; i < headers->count; i++)
+        Py_DECREF(headers->names[i]);
+    headers->count = 0;
+}
+
+/* Appends an entry: `name` an exact str, `value` kept alive by the caller. */
+static int headers_add(Headers *headers, PyObject *name, PyObject *value)
+{
+    if (headers->count == MAX_HEADERS)
+        return DECLINE;
+    Py_hash_t hash = PyObject_Hash(name);
+    if (hash == -1)
+        return ERROR;
+    headers->names[headers->count] = Py_NewRef(name);
+    headers->hashes[headers->count] = hash;
+    headers->values[headers->count] = value;
+    headers->count++;
+    return OK;
+}
+
+/* Whether two exact str are equal (comparing two str raises nothing). */
+static int same_name(PyObject *name, Py_hash_t hash, PyObject *other, Py_hash_t other_hash)
+{
+    return name == other || (hash == other_hash && PyUnicode_Compare(name, other) == 0);
+}
+
+static uint64_t hash_bit(Py_hash_t hash)
+{
+    return (uint64_t)1 << ((uint64_t)hash % 64);
+}
+
+/* Sets value_at and hash_bits, once every entry is in. */
+static void index_headers(Headers *headers)
+{
+    headers->hash_bits = 0;
+    for (Py_ssize_t i = 0; i < headers->count; i++) {
+        headers->value_at[i] = i;
+        uint64_t bit = hash_bit(headers->hashes[i]);
+        if ((headers->hash_bits & bit) == 0) {
+            headers->hash_bits |= bit; /* no earlier name has this hash */
+            continue;
+        }
+        for (Py_ssize_t first = 0; first < i; first++) {
+            if (headers->value_at[first] >= 0
+                    && same_name(headers->names[first], headers->hashes[first],
+                                 headers->names[i], headers->hashes[i])) {
+                headers->value_at[first] = i;
+                headers->value_at[i] = -1;
+                break;
+            }
+        }
+    }
+}
+
+/* The value the dict has for `name` (borrowed), or NULL. */
+static PyObject *header_value(const Headers *headers, PyObject *name)
+{
+    Py_hash_t hash = PyObject_Hash(name); /* an exact str: never fails */
+    if ((headers->hash_bits & hash_bit(hash)) == 0)
+        return NULL;
+    for (Py_ssize_t i = 0; i < headers->count; i++)
+        if (headers->value_at[i] >= 0
+                && same_name(headers->names[i], headers->hashes[i], name, hash))
+            return headers->values[headers->value_at[i]];
+    return NULL;
+}
+
+/* A new dict of the entries, for a Python method of the builder. */
+static PyObject *headers_dict(const Headers *headers)
+{
+    PyObject *dict = PyDict_New();
+    if (dict == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < headers->count; i++) {
+        if (PyDict_SetItem(dict, headers->names[i], headers->values[i]) < 0) {
+            Py_DECREF(dict);
+            return NULL;
+        }
+    }
+    return dict;
+}
+
+/* The dict as orjson writes it. */
+static int write_headers(Buffer *buffer, const Headers *headers)
+{
+    int first = 1;
+    if (buffer_write(buffer, "{", 1) != OK)
+        return ERROR;
+    for (Py_ssize_t i = 0; i < headers->count; i++) {
+        if (headers->value_at[i] < 0)
+            continue;
+        int status;
+        if ((!first && buffer_write(buffer, ",", 1) != OK)
+                || (status = write_str(buffer, headers->names[i])) == ERROR
+                || (status == OK && buffer_write(buffer, ":", 1) != OK))
+            return ERROR;
+        if (status != OK)
+            return status;
+        if ((status = write_value(buffer, headers->values[headers->value_at[i]], 3)) != OK)
+            return status;
+        first = 0;
+    }
+    return buffer_write(buffer, "}", 1);
+}
+
 /* --- bodies -------------------------------------------------------------------------------- */
 
 static const char BASE64_DIGITS[] =
@@ -308,9 +489,14 @@ static int write_base64(Buffer *buffer, const unsigned char *data, Py_ssize_t le
     return OK;
 }
 
-static int is_json_space(unsigned char c)
+static const char JSON_SPACES[256] = {[' '] = 1, ['\t'] = 1, ['\n'] = 1, ['\r'] = 1};
+
+/* The first index from i on that is not JSON whitespace. */
+static Py_ssize_t skip_space(const unsigned char *data, Py_ssize_t length, Py_ssize_t i)
 {
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+    while (i < length && JSON_SPACES[data[i]])
+        i++;
+    return i;
 }
 
 static int hex_value(unsigned char c)
@@ -377,11 +563,22 @@ static Py_ssize_t scan_string(const unsigned char *data, Py_ssize_t length, Py_s
 {
     Py_ssize_t i = at + 1;
     while (i < length) {
-        uint64_t word;
-        while (length - i >= 8 && ((word = load8(data + i)) & HIGHS) == 0 && escapes_none(word))
-            i += 8; /* 8 ASCII bytes a string holds as they are */
-        if (i >= length)
-            break;
+        /* to the next byte special_bytes flags, 8 bytes at a time while 8 are left */
+        if (length - i >= 8) {
+            uint64_t special = special_bytes(load8(data + i));
+            if (special == 0) {
+                i += 8;
+                /* past 16 bytes, a long string: 32 bytes a step, fewer steps per byte (not
+                   from the start: most strings are short, and the wider test costs more) */
+                while (i - at > 16 && length - i >= 32
+                       && (special_bytes(load8(data + i)) | special_bytes(load8(data + i + 8))
+                           | special_bytes(load8(data + i + 16))
+                           | special_bytes(load8(data + i + 24))) == 0)
+                    i += 32;
+                continue;
+            }
+            i += mask_offset(special);
+        }
         unsigned char c = data[i];
         if (c == '"')
             return i + 1;
@@ -486,23 +683,22 @@ static Py_ssize_t count_containers(const unsigned char *data, Py_ssize_t length)
    MAX_COPIED_CONTAINERS. 0 may also mean "not proven": the caller declines then. */
 static int is_copyable_json(const unsigned char *data, Py_ssize_t length)
 {
-    if (count_containers(data, length) >= MAX_COPIED_CONTAINERS)
+    /* (fewer bytes than that hold fewer of them: nothing to count) */
+    if (length >= MAX_COPIED_CONTAINERS && count_containers(data, length) >= MAX_COPIED_CONTAINERS)
         return 0;
     char closers[MAX_COPIED_CONTAINERS]; /* depth <= containers */
-    int depth = 0;
+    int depth = 0, is_key;
     Py_ssize_t i = 0;
 
 value:
-    while (i < length && is_json_space(data[i]))
-        i++;
+    i = skip_space(data, length, i);
     if (i >= length)
         return 0;
     switch (data[i]) {
     case '{':
         closers[depth++] = '}';
         i++;
-        while (i < length && is_json_space(data[i]))
-            i++;
+        i = skip_space(data, length, i);
         if (i < length && data[i] == '}') {
             i++;
             depth--;
@@ -512,8 +708,7 @@ value:
     case '[':
         closers[depth++] = ']';
         i++;
-        while (i < length && is_json_space(data[i]))
-            i++;
+        i = skip_space(data, length, i);
         if (i < length && data[i] == ']') {
             i++;
             depth--;
@@ -521,8 +716,8 @@ value:
         }
         goto value;
     case '"':
-        i = scan_string(data, length, i);
-        break;
+        is_key = 0;
+        goto string;
     case 't':
         i = length - i >= 4 && memcmp(data + i, "true", 4) == 0 ? i + 4 : -1;
         break;
@@ -542,19 +737,21 @@ value:
 key: /* after "{" or "," in an object, spaces skipped */
     if (i >= length || data[i] != '"')
         return 0;
+    is_key = 1;
+string: /* one place that scans strings, keys and values: the scan is inlined there */
     i = scan_string(data, length, i);
     if (i < 0)
         return 0;
-    while (i < length && is_json_space(data[i]))
-        i++;
+    if (!is_key)
+        goto after_value;
+    i = skip_space(data, length, i);
     if (i >= length || data[i] != ':')
         return 0;
     i++;
     goto value;
 
 after_value:
-    while (i < length && is_json_space(data[i]))
-        i++;
+    i = skip_space(data, length, i);
     if (depth == 0)
         return i == length;
     if (i >= length)
@@ -569,8 +766,7 @@ after_value:
     i++;
     if (closers[depth - 1] == ']')
         goto value;
-    while (i < length && is_json_space(data[i]))
-        i++;
+    i = skip_space(data, length, i);
     goto key;
 }
 
@@ -603,14 +799,13 @@ static int ascii_equal_ignoring_case(const char *text, const char *lowercase, Py
    A name that is not ASCII never lowercases to "content-encoding" (the only non-ASCII
    characters Python lowercases to ASCII are U+212A KELVIN SIGN, to "k", and U+0130, to "i"
    and a combining dot), nor does a value lowercase to "gzip" then. */
-static int check_gzip(PyObject *headers)
+static int check_gzip(const Headers *headers)
 {
     static const char name[] = "content-encoding";
-    Py_ssize_t position = 0;
-    PyObject *key, *value;
-    while (PyDict_Next(headers, &position, &key, &value)) {
-        if (!PyUnicode_CheckExact(key))
-            return DECLINE;
+    for (Py_ssize_t i = 0; i < headers->count; i++) {
+        if (headers->value_at[i] < 0)
+            continue;
+        PyObject *key = headers->names[i], *value = headers->values[headers->value_at[i]];
         if (!is_ascii(key) || PyUnicode_GET_LENGTH(key) != (Py_ssize_t)sizeof(name) - 1
                 || !ascii_equal_ignoring_case(PyUnicode_DATA(key), name, sizeof(name) - 1))
             continue;
@@ -628,7 +823,7 @@ static int check_gzip(PyObject *headers)
 
 /* The body's JSON value, and its transfer_encoding in *encoding ("json", "base64" or NULL),
    as event.py's `_body` with `copy`. */
-static int write_body(Encoder *self, Buffer *buffer, PyObject *raw, PyObject *headers,
+static int write_body(Encoder *self, Buffer *buffer, PyObject *raw, const Headers *headers,
                       int copy, int decoded, const char *side, const char **encoding)
 {
     if (PyLong_CheckExact(raw)) {
@@ -672,16 +867,10 @@ static int write_body(Encoder *self, Buffer *buffer, PyObject *raw, PyObject *he
 
 /* --- times --------------------------------------------------------------------------------- */
 
-/* "YYYY-MM-DDTHH:MM:SS." and 3 (incoming) or 6 fractional digits, UTC, for nanoseconds since
-   the epoch (every int64 falls in years 1677 to 2262). */
-static int write_time(Buffer *buffer, long long time_ns, int incoming)
+/* `text` = the quote and "YYYY-MM-DDTHH:MM:SS." (SECOND_TEXT bytes) of a second since the
+   epoch, UTC (every int64 of nanoseconds falls in years 1677 to 2262). */
+static void format_second(long long seconds, char *text)
 {
-    long long seconds = time_ns / 1000000000LL;
-    long long fraction = time_ns % 1000000000LL;
-    if (fraction < 0) {
-        fraction += 1000000000LL;
-        seconds -= 1;
-    }
     long long days = seconds / 86400, second_of_day = seconds % 86400;
     if (second_of_day < 0) {
         second_of_day += 86400;
@@ -699,22 +888,47 @@ static int write_time(Buffer *buffer, long long time_ns, int incoming)
     long long month = month_index < 10 ? month_index + 3 : month_index - 9;
     long long year = year_of_era + era * 400 + (month <= 2);
     long long fields[] = {year, month, day, second_of_day / 3600, second_of_day / 60 % 60,
-                          second_of_day % 60, incoming ? fraction / 1000000 : fraction / 1000};
+                          second_of_day % 60};
     static const int widths[] = {4, 2, 2, 2, 2, 2};
-    static const char separators[] = "--T::."; /* after each field but the last */
-    char text[32];
+    static const char separators[] = "--T::."; /* after each field */
     int length = 0;
     text[length++] = '"';
-    for (int field = 0; field < 7; field++) {
-        int width = field < 6 ? widths[field] : incoming ? 3 : 6;
-        for (int place = width - 1; place >= 0; place--) {
+    for (int field = 0; field < 6; field++) {
+        for (int place = widths[field] - 1; place >= 0; place--) {
             text[length + place] = (char)('0' + fields[field] % 10);
             fields[field] /= 10;
         }
-        length += width;
-        text[length++] = field < 6 ? separators[field] : '"';
+        length += widths[field];
+        text[length++] = separators[field];
     }
-    return buffer_write(buffer, text, length);
+}
+
+/* The time "YYYY-MM-DDTHH:MM:SS." and 3 (incoming) or 6 fractional digits, UTC, for
+   nanoseconds since the epoch. The text of the second is the encoder's last one when it is the
+   same second, as consecutive times mostly are (event.py's _formatted_second; no Python code
+   runs between reading and writing it here). */
+static int write_time(Encoder *self, Buffer *buffer, long long time_ns, int incoming)
+{
+    long long seconds = time_ns / 1000000000LL;
+    long long fraction = time_ns % 1000000000LL;
+    if (fraction < 0) {
+        fraction += 1000000000LL;
+        seconds -= 1;
+    }
+    if (seconds != self->formatted_second) {
+        format_second(seconds, self->second_text);
+        self->formatted_second = seconds;
+    }
+    char text[SECOND_TEXT + 7];
+    memcpy(text, self->second_text, SECOND_TEXT);
+    int digits = incoming ? 3 : 6;
+    long long value = incoming ? fraction / 1000000 : fraction / 1000;
+    for (int place = SECOND_TEXT + digits - 1; place >= SECOND_TEXT; place--) {
+        text[place] = (char)('0' + value % 10);
+        value /= 10;
+    }
+    text[SECOND_TEXT + digits] = '"';
+    return buffer_write(buffer, text, SECOND_TEXT + digits + 1);
 }
 
 static int time_ns_of(PyObject *value, long long *time_ns)
@@ -728,7 +942,7 @@ static int time_ns_of(PyObject *value, long long *time_ns)
     return overflow == 0 ? OK : DECLINE;
 }
 
-/* --- headers ------------------------------------------------------------------------------- */
+/* --- headers: from the call ---------------------------------------------------------------- */
 
 /* A new reference to dict[key], or NULL: not there (*status OK) or an error (*status ERROR). */
 static PyObject *lookup(PyObject *dict, PyObject *key, int *status)
@@ -739,60 +953,60 @@ static PyObject *lookup(PyObject *dict, PyObject *key, int *status)
     return value;
 }
 
-static int is_array(PyObject *value)
+/* The request headers as event.py's `_event` has them before masks: for an incoming call
+   `wire_headers` (names from META keys, through the builder's memo), for an outgoing one
+   dict(zip(names, values)). */
+static int gather_request_headers(Encoder *self, PyObject *columns, int incoming,
+                                  Headers *headers)
 {
-    return PyTuple_CheckExact(value) || PyList_CheckExact(value);
+    if (!PyTuple_CheckExact(columns) || PyTuple_GET_SIZE(columns) != 2)
+        return DECLINE;
+    PyObject *keys = PyTuple_GET_ITEM(columns, 0);
+    PyObject *values = PyTuple_GET_ITEM(columns, 1);
+    if (!PyTuple_CheckExact(keys) || !PyTuple_CheckExact(values)
+            || PyTuple_GET_SIZE(keys) != PyTuple_GET_SIZE(values))
+        return DECLINE;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(keys); i++) {
+        PyObject *key = PyTuple_GET_ITEM(keys, i);
+        if (!PyUnicode_CheckExact(key))
+            return DECLINE;
+        if (!incoming) {
+            CHECK(headers_add(headers, key, PyTuple_GET_ITEM(values, i)));
+            continue;
+        }
+        /* names.get(key) or self._incoming_header_name(key) */
+        PyObject *name = PyDict_GetItemWithError(self->header_names, key);
+        if (name == NULL && PyErr_Occurred())
+            return ERROR;
+        if (name != NULL && !PyUnicode_CheckExact(name))
+            return DECLINE;
+        if (name != NULL && PyUnicode_GET_LENGTH(name) != 0) {
+            CHECK(headers_add(headers, name, PyTuple_GET_ITEM(values, i)));
+            continue;
+        }
+        name = PyObject_CallOneArg(self->incoming_header_name, key);
+        if (name == NULL)
+            return ERROR;
+        int status = PyUnicode_CheckExact(name)
+                     ? headers_add(headers, name, PyTuple_GET_ITEM(values, i)) : DECLINE;
+        Py_DECREF(name);
+        CHECK(status);
+    }
+    return OK;
 }
 
-/* The request headers as event.py's `_event` has them before masks: for an incoming call
-   `wire_headers` (names from META keys), for an outgoing one dict(zip(names, values)). */
-static int request_headers_of(Encoder *self, PyObject *columns, int incoming, PyObject **out)
+/* dict(pairs) for the response headers: pairs of a str and a value. */
+static int gather_response_headers(PyObject *pairs, Headers *headers)
 {
-    if (!is_array(columns) || PySequence_Fast_GET_SIZE(columns) != 2)
+    if (!PyTuple_CheckExact(pairs))
         return DECLINE;
-    PyObject *names = PySequence_Fast_GET_ITEM(columns, 0);
-    PyObject *values = PySequence_Fast_GET_ITEM(columns, 1);
-    if (!is_array(names) || !is_array(values)
-            || PySequence_Fast_GET_SIZE(names) != PySequence_Fast_GET_SIZE(values))
-        return DECLINE;
-    PyObject *headers = PyDict_New();
-    if (headers == NULL)
-        return ERROR;
-    int status = OK;
-    for (Py_ssize_t i = 0; status == OK && i < PySequence_Fast_GET_SIZE(names)
-                           && i < PySequence_Fast_GET_SIZE(values); i++) {
-        PyObject *key = PySequence_Fast_GET_ITEM(names, i);
-        if (!PyUnicode_CheckExact(key)) {
-            status = DECLINE;
-            break;
-        }
-        PyObject *name;
-        if (incoming) {
-            name = lookup(self->header_names, key, &status);
-            if (status != OK)
-                break;
-            if (name == NULL || PyUnicode_GET_LENGTH(name) == 0) {
-                Py_XDECREF(name);
-                name = PyObject_CallOneArg(self->incoming_header_name, key);
-                if (name == NULL) {
-                    status = ERROR;
-                    break;
-                }
-            }
-            if (!PyUnicode_CheckExact(name))
-                status = DECLINE;
-        } else {
-            name = Py_NewRef(key);
-        }
-        if (status == OK && PyDict_SetItem(headers, name, PySequence_Fast_GET_ITEM(values, i)) < 0)
-            status = ERROR;
-        Py_DECREF(name);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pairs); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(pairs, i);
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2
+                || !PyUnicode_CheckExact(PyTuple_GET_ITEM(pair, 0)))
+            return DECLINE;
+        CHECK(headers_add(headers, PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1)));
     }
-    if (status != OK) {
-        Py_DECREF(headers);
-        return status;
-    }
-    *out = headers;
     return OK;
 }
 
@@ -817,90 +1031,69 @@ static PyObject *lowercase(PyObject *name)
     return lowered;
 }
 
-/* event.py's `_apply_header_masks`: `headers` itself when there is no mask list, else a new
-   dict with every name lowercased and the masked ones left out. */
-static int apply_header_masks(PyObject *headers, PyObject *masks, PyObject **out)
+/* memo[key] = value, as event.py's `_remember`: the memo is emptied when it is full. */
+static int remember(PyObject *memo, PyObject *key, PyObject *value)
 {
-    if (masks == Py_None) {
-        *out = Py_NewRef(headers);
-        return OK;
-    }
-    PyObject *masked = PyDict_New();
-    if (masked == NULL)
-        return ERROR;
-    Py_ssize_t position = 0;
-    PyObject *name, *value;
-    while (PyDict_Next(headers, &position, &name, &value)) {
-        if (!PyUnicode_CheckExact(name)) {
-            Py_DECREF(masked);
-            return DECLINE;
-        }
-        PyObject *lowercase_name = lowercase(name);
-        int masked_out = lowercase_name == NULL ? -1 : PySet_Contains(masks, lowercase_name);
-        if (masked_out < 0 || (!masked_out && PyDict_SetItem(masked, lowercase_name, value) < 0)) {
-            Py_XDECREF(lowercase_name);
-            Py_DECREF(masked);
-            return ERROR;
-        }
-        Py_DECREF(lowercase_name);
-    }
-    *out = masked;
-    return OK;
+    if (PyDict_GET_SIZE(memo) >= MEMO_ENTRIES)
+        PyDict_Clear(memo);
+    return PyDict_SetItem(memo, key, value) < 0 ? ERROR : OK;
 }
 
-/* dict(pairs) for the response headers: pairs of str. */
-static int response_headers_of(PyObject *pairs, PyObject **out)
+/* event.py's `_apply_header_masks` with a mask list: the dict's entries in its order, every
+   name lowercased, the masked ones left out. `memo` (the encoder's, one per side) remembers
+   for each name its lowercase form, or None for a masked one: a pure function of the name
+   under this side's masks, which saves making the lowercase str again for every call. */
+static int mask_headers(PyObject *memo, PyObject *masks, const Headers *headers,
+                        Headers *masked)
 {
-    if (!is_array(pairs))
-        return DECLINE;
-    PyObject *headers = PyDict_New();
-    if (headers == NULL)
-        return ERROR;
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(pairs); i++) {
-        PyObject *pair = PySequence_Fast_GET_ITEM(pairs, i);
-        if (!is_array(pair) || PySequence_Fast_GET_SIZE(pair) != 2
-                || !PyUnicode_CheckExact(PySequence_Fast_GET_ITEM(pair, 0))) {
-            Py_DECREF(headers);
-            return DECLINE;
+    for (Py_ssize_t i = 0; i < headers->count; i++) {
+        if (headers->value_at[i] < 0)
+            continue;
+        PyObject *name = headers->names[i];
+        PyObject *masked_name = PyDict_GetItemWithError(memo, name);
+        if (masked_name == NULL) {
+            if (PyErr_Occurred())
+                return ERROR;
+            PyObject *lowercase_name = lowercase(name);
+            if (lowercase_name == NULL)
+                return ERROR;
+            int masked_out = PySet_Contains(masks, lowercase_name);
+            int status = masked_out < 0 ? ERROR
+                         : remember(memo, name, masked_out ? Py_None : lowercase_name);
+            if (status == OK && !masked_out)
+                status = headers_add(masked, lowercase_name, headers->values[headers->value_at[i]]);
+            Py_DECREF(lowercase_name);
+            CHECK(status);
+            continue;
         }
-        if (PyDict_SetItem(headers, PySequence_Fast_GET_ITEM(pair, 0),
-                           PySequence_Fast_GET_ITEM(pair, 1)) < 0) {
-            Py_DECREF(headers);
-            return ERROR;
-        }
+        if (masked_name != Py_None)
+            CHECK(headers_add(masked, masked_name, headers->values[headers->value_at[i]]));
     }
-    *out = headers;
     return OK;
 }
 
 /* --- user id and client IP ----------------------------------------------------------------- */
 
 /* EventBuilder.user_id_from_headers(headers), from its memo when the token is in it. */
-static int user_id_of(Encoder *self, PyObject *headers, PyObject **out)
+static int user_id_of(Encoder *self, const Headers *headers, PyObject **out)
 {
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->authorization_headers); i++) {
-        int status;
-        PyObject *token = lookup(headers, PyTuple_GET_ITEM(self->authorization_headers, i),
-                                 &status);
-        if (token == NULL) {
-            if (status != OK)
-                return status;
+        PyObject *token = header_value(headers, PyTuple_GET_ITEM(self->authorization_headers, i));
+        if (token == NULL)
             continue;
-        }
-        if (!PyUnicode_CheckExact(token)) {
-            Py_DECREF(token);
+        if (!PyUnicode_CheckExact(token))
             return DECLINE;
-        }
-        if (PyUnicode_GET_LENGTH(token) == 0) {
-            Py_DECREF(token);
+        if (PyUnicode_GET_LENGTH(token) == 0)
             continue;
-        }
+        int status;
         *out = lookup(self->user_ids, token, &status);
-        Py_DECREF(token);
-        if (status != OK)
+        if (status != OK || *out != NULL)
             return status;
-        if (*out == NULL)
-            *out = PyObject_CallOneArg(self->user_id_from_headers, headers);
+        PyObject *dict = headers_dict(headers);
+        if (dict == NULL)
+            return ERROR;
+        *out = PyObject_CallOneArg(self->user_id_from_headers, dict);
+        Py_DECREF(dict);
         return *out == NULL ? ERROR : OK;
     }
     *out = Py_NewRef(Py_None);
@@ -909,35 +1102,32 @@ static int user_id_of(Encoder *self, PyObject *headers, PyObject **out)
 
 /* EventBuilder.client_ip(headers, remote_addr), from its memo while every header it reads is
    in it. */
-static int client_ip_of(Encoder *self, PyObject *headers, PyObject *remote_addr, PyObject **out)
+static int client_ip_of(Encoder *self, const Headers *headers, PyObject *remote_addr,
+                        PyObject **out)
 {
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->ip_headers); i++) {
         PyObject *name = PyTuple_GET_ITEM(self->ip_headers, i);
-        int status;
-        PyObject *value = lookup(headers, name, &status);
-        if (value == NULL) {
-            if (status != OK)
-                return status;
+        PyObject *value = header_value(headers, name);
+        if (value == NULL)
             continue;
-        }
-        if (!PyUnicode_CheckExact(value)) {
-            Py_DECREF(value);
+        if (!PyUnicode_CheckExact(value))
             return DECLINE;
-        }
-        if (PyUnicode_GET_LENGTH(value) == 0) {
-            Py_DECREF(value);
+        if (PyUnicode_GET_LENGTH(value) == 0)
             continue;
-        }
         PyObject *key = PyTuple_Pack(2, name, value);
-        Py_DECREF(value);
         if (key == NULL)
             return ERROR;
+        int status;
         PyObject *address = lookup(self->addresses, key, &status);
         Py_DECREF(key);
         if (status != OK)
             return status;
         if (address == NULL) {
-            *out = PyObject_CallFunctionObjArgs(self->client_ip, headers, remote_addr, NULL);
+            PyObject *dict = headers_dict(headers);
+            if (dict == NULL)
+                return ERROR;
+            *out = PyObject_CallFunctionObjArgs(self->client_ip, dict, remote_addr, NULL);
+            Py_DECREF(dict);
             return *out == NULL ? ERROR : OK;
         }
         if (address == Py_None) {
@@ -957,32 +1147,34 @@ static int client_ip_of(Encoder *self, PyObject *headers, PyObject *remote_addr,
 
 /* --- the event ----------------------------------------------------------------------------- */
 
-/* What the event is written from, each a new reference (or NULL). */
+/* What the event is written from. */
 typedef struct {
-    PyObject *headers;          /* incoming: by wire names; outgoing: as sent */
-    PyObject *request_headers;  /* masked, with the transaction header */
-    PyObject *response_headers;
-    PyObject *user_id;
+    Headers request_wire;     /* incoming: by wire names; outgoing: as sent */
+    Headers request_masked;   /* the request headers when there are masks */
+    Headers response_sent;
+    Headers response_masked;  /* the response headers when there are masks */
+    PyObject *user_id;        /* new references, or NULL */
     PyObject *ip_address;
     PyObject *transaction_id;
 } Parts;
 
+static void parts_init(Parts *parts)
+{
+    parts->request_wire.count = parts->request_masked.count = 0;
+    parts->response_sent.count = parts->response_masked.count = 0;
+    parts->user_id = parts->ip_address = parts->transaction_id = NULL;
+}
+
 static void parts_clear(Parts *parts)
 {
-    Py_CLEAR(parts->headers);
-    Py_CLEAR(parts->request_headers);
-    Py_CLEAR(parts->response_headers);
+    headers_clear(&parts->request_wire);
+    headers_clear(&parts->request_masked);
+    headers_clear(&parts->response_sent);
+    headers_clear(&parts->response_masked);
     Py_CLEAR(parts->user_id);
     Py_CLEAR(parts->ip_address);
     Py_CLEAR(parts->transaction_id);
 }
-
-#define CHECK(expression)             \
-    do {                              \
-        int status_ = (expression);   \
-        if (status_ != OK)            \
-            return status_;           \
-    } while (0)
 
 static int encode_call(Encoder *self, PyObject *call, Parts *parts, Buffer *buffer)
 {
@@ -1009,28 +1201,36 @@ static int encode_call(Encoder *self, PyObject *call, Parts *parts, Buffer *buff
         return DECLINE;
     int has_transaction_id = transaction_id != Py_None && PyUnicode_GET_LENGTH(transaction_id) > 0;
 
-    CHECK(request_headers_of(self, FIELD(5), incoming, &parts->headers));
-    CHECK(apply_header_masks(parts->headers, self->request_header_masks,
-                             &parts->request_headers));
-    /* Without masks request_headers is headers, as in event.py: the header is in both. */
-    if (has_transaction_id
-            && PyDict_SetItem(parts->request_headers, self->transaction_header,
-                              transaction_id) < 0)
-        return ERROR;
-    PyObject *raw_response_headers;
-    CHECK(response_headers_of(FIELD(9), &raw_response_headers));
-    int status = apply_header_masks(raw_response_headers, self->response_header_masks,
-                                     &parts->response_headers);
-    Py_DECREF(raw_response_headers);
-    CHECK(status);
+    Headers *request_headers = &parts->request_wire;
+    CHECK(gather_request_headers(self, FIELD(5), incoming, request_headers));
+    if (self->request_header_masks != Py_None) {
+        index_headers(request_headers);
+        CHECK(mask_headers(self->request_masked_names, self->request_header_masks,
+                           request_headers, &parts->request_masked));
+        request_headers = &parts->request_masked;
+    }
+    /* Without masks the request headers are the wire headers, as in event.py: the transaction
+       header is in both (user_id_from_headers sees it). */
+    if (has_transaction_id)
+        CHECK(headers_add(request_headers, self->transaction_header, transaction_id));
+    index_headers(request_headers);
+    Headers *response_headers = &parts->response_sent;
+    CHECK(gather_response_headers(FIELD(9), response_headers));
+    index_headers(response_headers);
+    if (self->response_header_masks != Py_None) {
+        CHECK(mask_headers(self->response_masked_names, self->response_header_masks,
+                           response_headers, &parts->response_masked));
+        response_headers = &parts->response_masked;
+        index_headers(response_headers);
+    }
 
     PyObject *user_id = FIELD(12);
     if (user_id == Py_None && incoming)
-        CHECK(user_id_of(self, parts->headers, &parts->user_id));
+        CHECK(user_id_of(self, &parts->request_wire, &parts->user_id));
     else
         parts->user_id = Py_NewRef(user_id);
     if (incoming)
-        CHECK(client_ip_of(self, parts->headers, remote_addr, &parts->ip_address));
+        CHECK(client_ip_of(self, &parts->request_wire, remote_addr, &parts->ip_address));
     else
         parts->ip_address = Py_NewRef(Py_None);
     parts->transaction_id = has_transaction_id ? Py_NewRef(transaction_id)
@@ -1040,31 +1240,31 @@ static int encode_call(Encoder *self, PyObject *call, Parts *parts, Buffer *buff
 
     const char *request_encoding = NULL, *response_encoding = NULL;
     CHECK(WRITE_LITERAL(buffer, "{\"request\":{\"time\":"));
-    CHECK(write_time(buffer, request_time_ns, incoming));
+    CHECK(write_time(self, buffer, request_time_ns, incoming));
     CHECK(WRITE_LITERAL(buffer, ",\"uri\":"));
     CHECK(write_value(buffer, FIELD(4), 2));
     CHECK(WRITE_LITERAL(buffer, ",\"verb\":"));
     CHECK(write_value(buffer, FIELD(3), 2));
     CHECK(WRITE_LITERAL(buffer, ",\"headers\":"));
-    CHECK(write_value(buffer, parts->request_headers, 2));
+    CHECK(write_headers(buffer, request_headers));
     CHECK(WRITE_LITERAL(buffer, ",\"api_version\":"));
     CHECK(write_value(buffer, self->api_version, 2));
     CHECK(WRITE_LITERAL(buffer, ",\"ip_address\":"));
     CHECK(write_value(buffer, parts->ip_address, 2));
     CHECK(WRITE_LITERAL(buffer, ",\"body\":"));
-    CHECK(write_body(self, buffer, FIELD(7), parts->request_headers, self->copy_request_body,
+    CHECK(write_body(self, buffer, FIELD(7), request_headers, self->copy_request_body,
                      0, "request", &request_encoding));
     CHECK(WRITE_LITERAL(buffer, ",\"transfer_encoding\":"));
     CHECK(buffer_write(buffer, request_encoding, (Py_ssize_t)strlen(request_encoding)));
     CHECK(WRITE_LITERAL(buffer, "},\"response\":{\"time\":"));
-    CHECK(write_time(buffer, response_time_ns, incoming));
+    CHECK(write_time(self, buffer, response_time_ns, incoming));
     CHECK(WRITE_LITERAL(buffer, ",\"status\":"));
     CHECK(write_value(buffer, FIELD(8), 2));
     CHECK(WRITE_LITERAL(buffer, ",\"headers\":"));
-    CHECK(write_value(buffer, parts->response_headers, 2));
+    CHECK(write_headers(buffer, response_headers));
     CHECK(WRITE_LITERAL(buffer, ",\"body\":"));
     /* an outgoing response body is free of its Content-Encoding already (requests undid it) */
-    CHECK(write_body(self, buffer, FIELD(10), parts->response_headers, self->copy_response_body,
+    CHECK(write_body(self, buffer, FIELD(10), response_headers, self->copy_response_body,
                      !incoming, "response", &response_encoding));
     CHECK(WRITE_LITERAL(buffer, ",\"ip_address\":null,\"transfer_encoding\":"));
     CHECK(buffer_write(buffer, response_encoding, (Py_ssize_t)strlen(response_encoding)));
@@ -1095,7 +1295,8 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *call)
         return NULL;
     }
     Buffer buffer;
-    Parts parts = {NULL, NULL, NULL, NULL, NULL, NULL};
+    Parts parts;
+    parts_init(&parts);
     buffer_init(&buffer);
     int status = encode_call(self, call, &parts, &buffer);
     parts_clear(&parts);
@@ -1154,6 +1355,10 @@ static int Encoder_init(Encoder *self, PyObject *args, PyObject *kwargs)
             || check_str_tuple(authorization_headers, "authorization_headers") < 0
             || check_str_tuple(ip_headers, "ip_headers") < 0)
         return -1;
+    if (!PyUnicode_CheckExact(transaction_header)) {
+        PyErr_SetString(PyExc_TypeError, "transaction_header must be a str");
+        return -1;
+    }
     long long body_limit = -1;
     if (PyLong_CheckExact(max_body_size)) {
         int overflow;
@@ -1163,10 +1368,20 @@ static int Encoder_init(Encoder *self, PyObject *args, PyObject *kwargs)
         if (overflow != 0 || body_limit < 0)
             body_limit = -1;
     }
+    PyObject *request_masked_names = PyDict_New();
+    if (request_masked_names == NULL)
+        return -1;
+    PyObject *response_masked_names = PyDict_New();
+    if (response_masked_names == NULL) {
+        Py_DECREF(request_masked_names);
+        return -1;
+    }
     self->field_count = field_count;
     self->copy_request_body = copy_request_body;
     self->copy_response_body = copy_response_body;
     self->max_body_size = body_limit;
+    self->formatted_second = 0;
+    format_second(0, self->second_text);
     Py_XSETREF(self->api_version, Py_NewRef(api_version));
     Py_XSETREF(self->request_header_masks, Py_NewRef(request_header_masks));
     Py_XSETREF(self->response_header_masks, Py_NewRef(response_header_masks));
@@ -1176,6 +1391,8 @@ static int Encoder_init(Encoder *self, PyObject *args, PyObject *kwargs)
     Py_XSETREF(self->header_names, Py_NewRef(header_names));
     Py_XSETREF(self->user_ids, Py_NewRef(user_ids));
     Py_XSETREF(self->addresses, Py_NewRef(addresses));
+    Py_XSETREF(self->request_masked_names, request_masked_names);
+    Py_XSETREF(self->response_masked_names, response_masked_names);
     Py_XSETREF(self->incoming_header_name, Py_NewRef(incoming_header_name));
     Py_XSETREF(self->user_id_from_headers, Py_NewRef(user_id_from_headers));
     Py_XSETREF(self->client_ip, Py_NewRef(client_ip));
@@ -1196,6 +1413,8 @@ static int Encoder_traverse(Encoder *self, visitproc visit, void *arg)
     Py_VISIT(self->header_names);
     Py_VISIT(self->user_ids);
     Py_VISIT(self->addresses);
+    Py_VISIT(self->request_masked_names);
+    Py_VISIT(self->response_masked_names);
     Py_VISIT(self->incoming_header_name);
     Py_VISIT(self->user_id_from_headers);
     Py_VISIT(self->client_ip);
@@ -1214,6 +1433,8 @@ static int Encoder_clear(Encoder *self)
     Py_CLEAR(self->header_names);
     Py_CLEAR(self->user_ids);
     Py_CLEAR(self->addresses);
+    Py_CLEAR(self->request_masked_names);
+    Py_CLEAR(self->response_masked_names);
     Py_CLEAR(self->incoming_header_name);
     Py_CLEAR(self->user_id_from_headers);
     Py_CLEAR(self->client_ip);

@@ -119,12 +119,22 @@ JSON_BODY = b'{"a": 1, "list": [true, null, 2.5, -3e-7, "\xc3\xa9\\u00e9\\ud83d\
                                                      ("Authorization", "Bearer x.y.z")),
               request_body=b'{"q": 1}', response_headers=(("Content-Encoding", "gzip"),),
               response_body=b'{"ok": true}', remote_addr=None),
+    make_call(request_headers=META + (("HTTP_X_A", "1"), ("HTTP_X-A", "2"), ("HTTP_X_A", "3"),
+                                      ("HTTP_CONTENT_TYPE", "text/plain"),
+                                      ("HTTP_X_MOESIF_TRANSACTION_ID", "client-id")),
+              response_headers=(("A", "1"), ("a", "2"), ("A", "3"), ("Content-Encoding", "br"),
+                                ("CONTENT-ENCODING", "identity")),
+              request_body=b"[1]", response_body=b"text"),
+    make_call(direction="Outgoing", request_headers=(("Accept", "a"), ("ACCEPT", "b"),
+                                                     ("Accept", "c"), ("Cookie", "x"),
+                                                     ("X-MOESIF-TRANSACTION-ID", "old")),
+              response_headers=(("Set-Cookie", "1"), ("set-cookie", "2")), remote_addr=None),
     make_call(user_id="ü-1", company_id=77, session_token="s\n\t\"\\", blocked_by="rule-1",
               metadata={"plan": "pro", "n": [1, 2**64 - 1, -2**63, 1.5e300, float("nan")],
                         "deep": {"a": {"b": [{"c": None}]}}, "ok": False},
               weight=3, status=418, verb="PATCH", uri="https://h/ü?q=\x01"),
 ], ids=["json", "base64", "forwarded-ip-new-id", "jwt-and-markers", "basic-and-client-id",
-        "outgoing", "callback-values"])
+        "outgoing", "repeated-names", "outgoing-repeated-names", "callback-values"])
 def test_common_calls_are_encoded_in_c_as_python_does(options: dict[str, Any],
                                                        call: CapturedCall) -> None:
     builders = Builders(MoesifOptions(**options))
@@ -164,14 +174,49 @@ def test_a_call_from_a_real_record_is_encoded_in_c() -> None:
     (make_call(direction="Sideways"), {}),
     (make_call(request_time_ns=2**70), {}),
     (make_call(transaction_id=123), {}),
+    (make_call()._replace(request_headers=[["HTTP_A"], ["1"]]), {}),
+    (make_call()._replace(response_headers=[["A", "1"]]), {}),
+    (make_call(request_headers=tuple((f"HTTP_X_{number}", "v") for number in range(128))), {}),
+    (make_call(response_headers=tuple((f"X-{number}", "v") for number in range(129))), {}),
 ], ids=["gzip-request", "gzip-response", "body-masks", "json-number-overflow",
         "json-lone-surrogate-escape", "bad-json", "negative-exponent-float",
         "int-past-64-bits", "non-str-key", "bytes-value", "surrogate", "unknown-direction",
-        "time-out-of-range", "odd-transaction-id"])
+        "time-out-of-range", "odd-transaction-id", "list-columns", "list-pairs",
+        "too-many-request-headers", "too-many-response-headers"])
 def test_what_c_leaves_to_python(call: CapturedCall, options: dict[str, Any]) -> None:
     builders = Builders(MoesifOptions(**options))
     assert builders.compiled(call) is None
     same_as_python(builders, call)
+
+
+@compiled_only
+@pytest.mark.parametrize("options", [{}, {"REQUEST_HEADER_MASKS": ["x-1"],
+                                          "RESPONSE_HEADER_MASKS": ["X-1"]}])
+def test_up_to_128_headers_are_encoded_in_c(options: dict[str, Any]) -> None:
+    """Many headers (the transaction header is one more), some names repeated: the search for
+    repeated names must find them however the hashes fall."""
+    builders = Builders(MoesifOptions(**options))
+    names = list(enumerate(f"HTTP_X_{number % 90}" for number in range(127)))
+    call = make_call(request_headers=tuple((name, str(number)) for number, name in names),
+                     response_headers=tuple((name[5:].lower() if number % 3 else name[5:],
+                                             str(number)) for number, name in names))
+    for _ in range(2):
+        assert same_as_python(builders, call) is not None
+
+
+@compiled_only
+def test_memos_filled_and_emptied_while_encoding() -> None:
+    """A memo that fills up is emptied (the builder's, by its Python method; the encoder's own,
+    of masked names, in C), also in the middle of a call: the bytes stay Python's."""
+    builders = Builders(MoesifOptions(REQUEST_HEADER_MASKS=["x-0"], RESPONSE_HEADER_MASKS=[]))
+    for memo in (builders.fast._header_names, builders.fast._user_ids):
+        memo.update((f"junk {number}", "x") for number in range(1022))
+    for round_number in range(12):
+        pairs = tuple((f"HTTP_X_{round_number}_{number}", "v") for number in range(100))
+        call = make_call(request_headers=pairs + (("HTTP_AUTHORIZATION", f"Basic {round_number}"),),
+                         response_headers=tuple((name[5:], "v") for name, _ in pairs))
+        assert same_as_python(builders, call) is not None
+    assert len(builders.fast._header_names) < 1024
 
 
 @compiled_only
@@ -203,11 +248,14 @@ def test_mask_event_model_uses_the_python_path_only() -> None:
 @compiled_only
 def test_no_reference_leaks_and_the_builder_is_collected() -> None:
     call = make_call(request_headers=META + (("HTTP_AUTHORIZATION", "Basic dXNlcjpwdw=="),
-                                             ("HTTP_X_REAL_IP", "2001:db8::1")),
+                                             ("HTTP_X_REAL_IP", "2001:db8::1"),
+                                             ("HTTP_COOKIE", "again")),
                      request_body=JSON_BODY, response_body=b"text", transaction_id=None,
-                     metadata={"k": ["v", 1, 2.5]}, response_headers=(("A", "b"),))
+                     metadata={"k": ["v", 1, 2.5]},
+                     response_headers=(("A", "b"), ("a", "c"), ("Secret", "d")))
     declined = make_call(metadata={"k": ["v", b"bytes"]}, request_headers=META)
-    builder = EventBuilder(MoesifOptions(REQUEST_HEADER_MASKS=["cookie"]))
+    builder = EventBuilder(MoesifOptions(REQUEST_HEADER_MASKS=["cookie"],
+                                         RESPONSE_HEADER_MASKS=["secret"]))
     watched = [value for value in (*call, *call.request_headers[0], *call.request_headers[1],
                                    *call.metadata["k"], *declined.metadata["k"])
                if not isinstance(value, int | type(None))]  # not shared singletons
