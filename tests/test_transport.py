@@ -649,3 +649,15 @@ def test_certificates_are_verified_against_certifis_bundle(
     assert "CERTIFICATE_VERIFY_FAILED" in unknown_issuer.error
     assert (trusted_issuer.delivered, trusted_issuer.attempts) == (True, 1)
     assert len(tls_collector.received) == 1
+
+
+def test_a_closed_transport_sends_on_new_connections(collector, make_transport):
+    """`close` closes the pooled connections: a request made afterwards opens a new one."""
+    transport = make_transport(collector.base_uri)
+    post_batch(transport)
+
+    transport.close()
+    outcome = post_batch(transport, give_up_at=time.monotonic() + 1)
+
+    assert (outcome.delivered, outcome.attempts) == (True, 1)
+    assert len({request.client_port for request in collector.received}) == 2

@@ -5,7 +5,10 @@ urllib3 directly rather than through requests (which is built on it): a POST of 
 about 250 µs of CPU instead of 460, and the shipper shares the CPU with the web workers. It
 owns one urllib3 pool manager (built in the shipper process, after any fork) and the retry
 loop; urllib3's own retries and redirects are off, so that every wait goes through the
-caller's deadline and stop event.
+caller's deadline and stop event. Without a proxy, requests go straight to the collector's
+connection pool, taken from the manager once (the manager would parse each URL and look its
+pool up again), with the headers and the timeout built once: a POST of 110 kB gzipped then runs
+about 16% fewer instructions outside gzip.
 
 Connections (as they were with requests):
 
@@ -69,7 +72,14 @@ from requests.utils import (
     prepend_scheme_if_needed,
     select_proxy,
 )
-from urllib3 import BaseHTTPResponse, PoolManager, ProxyManager, Timeout, make_headers
+from urllib3 import (
+    BaseHTTPResponse,
+    HTTPConnectionPool,
+    PoolManager,
+    ProxyManager,
+    Timeout,
+    make_headers,
+)
 from urllib3.exceptions import (
     ConnectTimeoutError,
     InvalidHeader,
@@ -83,9 +93,9 @@ from urllib3.util.retry import Retry
 from urllib3.util.ssl_ import create_urllib3_context
 
 try:  # ISA-L writes the same gzip as zlib with 5 to 12 times less CPU (bench_gzip.py)
-    from isal.igzip import compress as isal_compress
+    from isal import igzip_lib
 except ImportError:
-    isal_compress = None
+    igzip_lib = None
 
 logger = logging.getLogger("moesif_fast.shipper")
 
@@ -95,6 +105,7 @@ JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 
 _SLASH_RUNS = re.compile(r"/{2,}")
 _RETRY_AFTER_PARSER = Retry(0)  # used only for its Retry-After parsing
+_NO_RETRIES = Retry(False, redirect=False)  # what urllib3 makes of retries=False, made once
 
 
 def gzip_zlib(data: bytes) -> bytes:
@@ -103,11 +114,12 @@ def gzip_zlib(data: bytes) -> bytes:
 
 
 def gzip_isal(data: bytes) -> bytes:
-    """`data` as gzip, by ISA-L at level 1 (mtime 0); needs `isal`."""
-    return isal_compress(data, compresslevel=1, mtime=0)
+    """`data` as gzip, by ISA-L at level 1 (mtime 0); needs `isal`. ISA-L writes the gzip
+    header itself (the one `isal.igzip.compress` would prepend with a copy of the output)."""
+    return igzip_lib.compress(data, 1, flag=igzip_lib.COMP_GZIP)
 
 
-gzip_compress = gzip_zlib if isal_compress is None else gzip_isal
+gzip_compress = gzip_zlib if igzip_lib is None else gzip_isal
 
 
 @dataclass(frozen=True)
@@ -151,10 +163,12 @@ class Stop(threading.Event):
 class CollectorTransport:
     """Requests to one Moesif collector base URI; safe to use from `pool_size` threads at once.
 
-    Thread safety: the pool manager and the common headers are set in `__init__` and never
-    changed afterwards (urllib3 does not change the headers it is given); urllib3's pool manager
-    and connection pools are thread-safe and, when all `pool_size` connections are busy, make a
-    caller wait for one instead of opening more.
+    Thread safety: the pool manager, the collector's pool, the headers and the default timeout
+    are set in `__init__` and never changed afterwards, but by `close` (urllib3 does not change
+    the headers nor the timeout it is given: it clones the timeout); the memo of request targets
+    is only added to, the same value for a key. urllib3's pool manager and connection pools are
+    thread-safe and, when all `pool_size` connections are busy, make a caller wait for one
+    instead of opening more.
     """
 
     def __init__(
@@ -185,6 +199,9 @@ class CollectorTransport:
             "User-Agent": user_agent,
             "Accept-Encoding": make_headers(accept_encoding=True)["accept-encoding"],
         }
+        plain = {**self._headers, "Content-Type": JSON_CONTENT_TYPE}
+        self._post_headers = {False: plain, True: {**plain, "Content-Encoding": "gzip"}}
+        self._full_timeout = Timeout(connect=connect_timeout, read=read_timeout)
         self.failed_attempts = 0  # attempts that failed, retried or not (for the shipper's log)
         self.last_failure: str | None = None  # the latest: "POST /v1/events/batch: HTTP 503"
         self._failures_lock = threading.Lock()
@@ -194,6 +211,13 @@ class CollectorTransport:
             self._pool_manager = _pool_manager(base_uri, pool_size)
         except ValueError as error:  # an ftp:// proxy, socks:// without PySocks...
             self._unusable_proxy = f"the proxy set in the environment cannot be used: {error}"
+        self._pool: HTTPConnectionPool | None = None
+        """The collector's connection pool when no proxy is used: requests go to it directly,
+        without the pool manager's parsing of each URL and lookup of its pool (what
+        `PoolManager.urlopen` does before calling the same pool's `urlopen`)."""
+        if type(self._pool_manager) is PoolManager:
+            self._pool = self._pool_manager.connection_from_url(self._origin)
+        self._targets: dict[str, str] = {}  # URL: its request target (`_target`), memo
 
     def post(
         self,
@@ -210,11 +234,11 @@ class CollectorTransport:
         next wait would pass `give_up_at` (a `time.monotonic()` deadline; None: no deadline), or
         `stop` is set.
         """
-        headers = {**self._headers, "Content-Type": JSON_CONTENT_TYPE}
         if compress:
             payload = gzip_compress(payload)
-            headers["Content-Encoding"] = "gzip"
-        outcome, _ = self._exchange("POST", path, payload, headers, give_up_at, stop)
+        outcome, _ = self._exchange(
+            "POST", path, payload, self._post_headers[compress], give_up_at, stop
+        )
         return outcome
 
     def get_json(
@@ -233,12 +257,22 @@ class CollectorTransport:
             return outcome, None
 
     def close(self) -> None:
-        """Close the pooled connections."""
+        """Close the pooled connections. Requests made afterwards open new ones."""
+        self._pool = None  # urllib3 closes a pool's connections when it is dropped, as clear()
+        # drops the manager's (a request under way finishes on its connection first)
         if self._pool_manager is not None:
             self._pool_manager.clear()
 
     def _url(self, path: str) -> str:
         return self._origin + _SLASH_RUNS.sub("/", f"{self._path_prefix}/{path}")
+
+    def _target(self, url: str) -> str:
+        """The request target (path and query) of `url` as `PoolManager.urlopen` sends it
+        when no proxy is used; raises LocationValueError for a URL urllib3 cannot send to."""
+        target = self._targets.get(url)
+        if target is None:
+            target = self._targets[url] = parse_url(url).request_uri
+        return target
 
     def _exchange(
         self,
@@ -265,7 +299,7 @@ class CollectorTransport:
                 stop.on_wire += 1
             attempts += 1
             try:
-                response = self._attempt(method, url, body, headers, self._timeouts(time_left))
+                response = self._attempt(method, url, body, headers, time_left)
             finally:
                 with stop.sending_lock:
                     stop.on_wire -= 1
@@ -301,16 +335,25 @@ class CollectorTransport:
         url: str,
         body: bytes | None,
         headers: dict[str, str],
-        timeouts: tuple[float, float],
+        time_left: float | None,
     ) -> BaseHTTPResponse | _Failure:
         """Send once; the response is read whole (its connection goes back to the pool)."""
         if self._pool_manager is None:
             return _Failure(None, f"invalid request: {self._unusable_proxy}", retryable=False)
+        timeouts = self._timeouts(time_left)
+        timeout = self._full_timeout if time_left is None \
+            else Timeout(connect=timeouts[0], read=timeouts[1])
         try:
+            pool = self._pool
+            if pool is not None:
+                return pool.urlopen(
+                    method, self._target(url), body=body, headers=headers, retries=_NO_RETRIES,
+                    redirect=False, assert_same_host=False, timeout=timeout,
+                    preload_content=True,
+                )
             return self._pool_manager.urlopen(
-                method, url, redirect=False, body=body, headers=headers,
-                timeout=Timeout(connect=timeouts[0], read=timeouts[1]), retries=False,
-                preload_content=True,
+                method, url, redirect=False, body=body, headers=headers, timeout=timeout,
+                retries=_NO_RETRIES, preload_content=True,
             )
         except LocationValueError as error:  # a URL urllib3 cannot send to
             return _Failure(None, f"invalid request: {error}", retryable=False)
