@@ -305,7 +305,8 @@ static int pack_uri(Buffer *buffer, PyObject *meta, PyObject *path, PyObject *sc
         return status;
     if (scheme_size == 0)
         return DECLINE; /* request.scheme, in Python */
-    status = host_of(meta, forwarded_host, strcmp(scheme_text, "https") == 0, &host, &host_size,
+    int https = scheme_size == 5 && memcmp(scheme_text, "https", 5) == 0;
+    status = host_of(meta, forwarded_host, https, &host, &host_size,
                      &port, &port_size);
     if (status != OK)
         return status;

@@ -125,6 +125,16 @@ def test_a_request_with_no_headers_at_all_is_packed_in_c() -> None:
 
 
 @compiled_only
+@pytest.mark.parametrize("scheme", ["https", "https\x00", "http"])
+@pytest.mark.parametrize("port", ["443", "80", "8443", ""])
+def test_the_default_port_is_left_out_exactly_as_in_python(scheme: str, port: str) -> None:
+    request = RequestFactory().get("/", SERVER_PORT=port)
+    request.META["wsgi.url_scheme"] = scheme
+    compiled, python = records(request, HttpResponse(), Wiring(False, False))
+    assert compiled is not None and compiled == python
+
+
+@compiled_only
 def test_the_response_header_store_is_read_as_django_keeps_it() -> None:
     response = a_response()
     response["Set-Cookie"] = "a=1"
@@ -154,7 +164,7 @@ HOST_VALUES = st.one_of(*[TEXT] * 8, st.integers(), st.just("\ud800"))
     host=st.none() | HOST_VALUES, forwarded=st.none() | HOST_VALUES,
     server=st.none() | st.tuples(HOST_VALUES,
                                  HOST_VALUES | st.sampled_from(["80", "443", "8", "", "0443"])),
-    scheme=st.sampled_from(["http", "https"] * 4 + ["", None, 1]),
+    scheme=st.sampled_from(["http", "https"] * 4 + ["", None, 1, "https\x00"]),
     path=st.one_of(*[st.text(PLAIN_URL_TEXT, max_size=8).map("/".__add__)] * 3,
                    st.text(URL_TEXT, max_size=6).map("/".__add__)),
     query=st.one_of(st.sampled_from([None, "", "a=1&b=2", 3]),
