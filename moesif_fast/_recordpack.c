@@ -215,11 +215,12 @@ static PyObject *pack_call(PyObject *module, PyObject *fields)
     return packed(&buffer, pack(&buffer, fields, 0));
 }
 
-
 /* -- an incoming call, from the live request and response -------------------------------- */
 
+/* Interned at import: the META keys read here, and the direction written. */
 static PyObject *key_wsgi_url_scheme, *key_http_host, *key_http_x_forwarded_host,
-    *key_server_name, *key_server_port, *key_query_string, *key_remote_addr, *key_content_type, *key_content_length, *direction_incoming;
+    *key_server_name, *key_server_port, *key_query_string, *key_remote_addr, *key_content_type,
+    *key_content_length, *direction_incoming;
 
 #define FIELD_COUNT 19 /* record.CapturedCall's fields */
 #define INCOMING_ARGUMENTS 19
