@@ -363,40 +363,55 @@ static int is_header_key(PyObject *key)
 
 #define MAX_REQUEST_HEADERS 256 /* more go the Python way */
 
-/* The middleware's _meta_headers as [names, values]: the META keys starting with "HTTP_" in
-   META's order, then CONTENT_TYPE and CONTENT_LENGTH when present. */
-static int pack_request_headers(Buffer *buffer, PyObject *meta)
+/* The middleware's _meta_headers: the META keys starting with "HTTP_" in META's order, then
+   CONTENT_TYPE and CONTENT_LENGTH when present, with their values (borrowed). DECLINE when a
+   key is not an exact str: only then are META's lookups free of Python code (a str
+   subclass's __eq__ could change META while borrowed values are held), so this runs before
+   any other lookup in META. */
+typedef struct {
+    Py_ssize_t count;
+    PyObject *names[MAX_REQUEST_HEADERS + 2];
+    PyObject *values[MAX_REQUEST_HEADERS + 2];
+} RequestHeaders;
+
+static int request_headers_of(PyObject *meta, RequestHeaders *headers)
 {
-    PyObject *names[MAX_REQUEST_HEADERS + 2], *values[MAX_REQUEST_HEADERS + 2];
-    Py_ssize_t count = 0, position = 0;
+    Py_ssize_t position = 0;
     PyObject *key, *value;
+    headers->count = 0;
     while (PyDict_Next(meta, &position, &key, &value)) {
         int header = is_header_key(key);
-        if (header < 0 || (header && count == MAX_REQUEST_HEADERS))
+        if (header < 0 || (header && headers->count == MAX_REQUEST_HEADERS))
             return DECLINE;
         if (header) {
-            names[count] = key;
-            values[count++] = value;
+            headers->names[headers->count] = key;
+            headers->values[headers->count++] = value;
         }
     }
     PyObject *content[2] = {key_content_type, key_content_length};
     for (int index = 0; index < 2; index++) {
         if ((value = meta_item(meta, content[index])) != NULL) {
-            names[count] = content[index];
-            values[count++] = value;
+            headers->names[headers->count] = content[index];
+            headers->values[headers->count++] = value;
         } else if (PyErr_Occurred()) {
             return ERROR;
         }
     }
+    return OK;
+}
+
+/* The request headers as [names, values]. */
+static int pack_request_headers(Buffer *buffer, const RequestHeaders *headers)
+{
     int status = put_byte(buffer, 0x92);
     if (status == OK)
-        status = put_header(buffer, count, 0x90, 16, 0, 0xdc, 0xdd);
-    for (Py_ssize_t index = 0; index < count && status == OK; index++)
-        status = pack_str(buffer, names[index]);
+        status = put_header(buffer, headers->count, 0x90, 16, 0, 0xdc, 0xdd);
+    for (Py_ssize_t index = 0; index < headers->count && status == OK; index++)
+        status = pack_str(buffer, headers->names[index]);
     if (status == OK)
-        status = put_header(buffer, count, 0x90, 16, 0, 0xdc, 0xdd);
-    for (Py_ssize_t index = 0; index < count && status == OK; index++)
-        status = pack(buffer, values[index], 3);
+        status = put_header(buffer, headers->count, 0x90, 16, 0, 0xdc, 0xdd);
+    for (Py_ssize_t index = 0; index < headers->count && status == OK; index++)
+        status = pack(buffer, headers->values[index], 3);
     return status;
 }
 
@@ -431,6 +446,10 @@ static PyObject *pack_incoming(PyObject *module, PyObject *const *arguments, Py_
         return NULL;
     if (!PyDict_CheckExact(meta))
         Py_RETURN_NONE;
+    RequestHeaders headers; /* first: it checks that META's lookups run no Python code */
+    int checked = request_headers_of(meta, &headers);
+    if (checked != OK)
+        return checked == DECLINE ? Py_NewRef(Py_None) : NULL;
     PyObject *remote_addr = meta_item(meta, key_remote_addr);
     if (remote_addr == NULL && PyErr_Occurred())
         return NULL;
@@ -446,7 +465,7 @@ static PyObject *pack_incoming(PyObject *module, PyObject *const *arguments, Py_
     if (status == OK)
         status = pack_uri(&buffer, meta, path, scheme, forwarded_host);
     if (status == OK)
-        status = pack_request_headers(&buffer, meta);
+        status = pack_request_headers(&buffer, &headers);
     if (status == OK)
         status = pack(&buffer, remote_addr ? remote_addr : Py_None, 1);
     if (status == OK)

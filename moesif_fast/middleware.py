@@ -118,8 +118,9 @@ class MoesifMiddleware:
         policy = self._sink.policy()
         sampled = _sample_early(policy)
         if not policy.governs():  # the common case: no governance rules
-            request_time = _time_ns()  # start() and finish(), without their general cases
+            # start() and finish(), without their general cases
             request_body = self._request_body(request) if sampled is not False else None
+            request_time = _time_ns()
             response = self.get_response(request)
             try:
                 self._capture(request, response, request_time, request_body, None, policy, None,
@@ -175,7 +176,8 @@ class MoesifMiddleware:
               ) -> tuple[int, bytes | int | None]:
         """Before the view: the request time and (LOG_BODY) the body, read so that the view
         can still read it."""
-        return _time_ns(), self._request_body(request) if read_body else None
+        body = self._request_body(request) if read_body else None
+        return _time_ns(), body
 
     def finish(self, request: HttpRequest, response: HttpResponseBase,
                started: tuple[int, bytes | int | None], user: Any = None, *,
@@ -318,9 +320,12 @@ class MoesifMiddleware:
         # Ids sampling already needed are reused: a user callback runs once per request.
         user_id = facts.user_id if facts is not None and "user_id" in needs \
             else self._user_id(request, response, user)
-        company_id = facts.company_id if facts is not None and "company_id" in needs \
-            else options.IDENTIFY_COMPANY and self._callback(options.IDENTIFY_COMPANY, request,
-                                                             response)
+        if facts is not None and "company_id" in needs:
+            company_id = facts.company_id
+        elif options.IDENTIFY_COMPANY is not None:
+            company_id = self._callback(options.IDENTIFY_COMPANY, request, response)
+        else:
+            company_id = None
         method = request.method or ""
         response_body = None  # none for HEAD either: no body goes out on the wire (W22)
         if options.LOG_BODY and isinstance(response, HttpResponse) and method != "HEAD":

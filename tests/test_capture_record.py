@@ -124,6 +124,38 @@ def test_a_request_with_no_headers_at_all_is_packed_in_c() -> None:
     assert decode(compiled).request_headers == ((), ())
 
 
+class HostileKey(str):
+    """A META key equal to no other whose __eq__ (which a dict lookup of a key with the same
+    hash calls), once armed, deletes values, reuses their memory and removes itself."""
+
+    __hash__ = str.__hash__
+    meta: dict[str, object] | None = None  # armed when set
+
+    def __eq__(self, other: object) -> bool:
+        meta, self.meta = self.meta, None
+        if meta is not None:
+            for key in ("wsgi.url_scheme", "REMOTE_ADDR", "HTTP_USER_AGENT"):
+                meta.pop(key, None)
+            self.junk = ["Z" * 40 + str(number) for number in range(2_000)]
+            meta.pop(self, None)  # and leaves, so that no later check of META sees it
+        return False
+
+
+@compiled_only
+@pytest.mark.parametrize("name", ["HTTP_HOST", "REMOTE_ADDR", "QUERY_STRING", "CONTENT_TYPE"])
+def test_a_meta_key_that_is_not_a_str_is_left_to_python(name: str) -> None:
+    """A str subclass as a key could run Python code inside a lookup of META while values are
+    held: the compiled packer declines before its first lookup."""
+    request = RequestFactory().get("/p", HTTP_USER_AGENT="".join(["curl/", "8"]))
+    key = HostileKey(name)
+    request.META["wsgi.url_scheme"] = "".join(["ht", "tp"])
+    request.META[key] = "x"
+    key.meta = request.META
+    assert pack_incoming(
+        request.META, request.path, None, False, REQUEST_TIME, RESPONSE_TIME, "GET", None, 200,
+        {}, None, TRANSACTION_ID, None, None, None, None, 1, None, 7) is None
+
+
 @compiled_only
 @pytest.mark.parametrize("scheme", ["https", "https\x00", "http"])
 @pytest.mark.parametrize("port", ["443", "80", "8443", ""])

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import string
+import time
 import uuid
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "moesif_fast.demo.settings")
@@ -40,6 +41,7 @@ from moesif_fast import ringfile  # noqa: E402
 from moesif_fast.event import EventBuilder  # noqa: E402
 from moesif_fast.middleware import (  # noqa: E402
     MAX_HEADER_KEY_SETS,
+    MoesifMiddleware,
     _full_path,
     _header_getters,
 )
@@ -187,6 +189,50 @@ def test_body_over_the_limit_is_left_to_the_view(ring: Reader) -> None:
     assert response.content == b"5000"  # the view read the whole body itself
     [call] = captured(ring)
     assert call.request_body == 5000  # its size, recorded instead of the bytes
+
+
+class TimedStream:
+    """A request body stream that notes when it was read."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.read_at: int | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        self.read_at = time.time_ns()
+        body, self._body = self._body, b""
+        return body
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_request_time_is_taken_after_the_body_is_read(ring: Reader) -> None:
+    """As before the capture path was compiled: a slow upload does not count as the view's
+    time."""
+    request = RequestFactory().post("/echo", b'{"a": 1}', content_type="application/json")
+    request._stream = stream = TimedStream(b'{"a": 1}')
+    with override_settings(MOESIF_MIDDLEWARE=BASE_OPTIONS, ROOT_URLCONF=__name__):
+        assert MoesifMiddleware(echo)(request).status_code == 201
+    [call] = captured(ring)
+    assert call.request_body == b'{"a": 1}' and stream.read_at is not None
+    assert call.request_time_ns >= stream.read_at
+
+
+class FalsyCompany:
+    """A callable that is false as a value (it has a length of 0)."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def __call__(self, request: HttpRequest, response: HttpResponse) -> str:
+        return "acme"
+
+
+def test_a_company_callback_that_is_false_as_a_value_is_still_called(ring: Reader) -> None:
+    send("get", "/echo", {"IDENTIFY_COMPANY": FalsyCompany()})
+    [call] = captured(ring)
+    assert call.company_id == "acme"
 
 
 def test_invalid_settings_pass_requests_through(ring: Reader) -> None:

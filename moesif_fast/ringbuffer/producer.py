@@ -116,10 +116,11 @@ class Producer:
     def close(self) -> None:
         """Release this process's lane (it is also released when the process exits)."""
         with self._lock:
+            self._append_to_lane = None  # first: closing the lane's lock file releases it
             self._close_descriptors()
             self._lane_fd = self._overflow_fd = None
             self._sync_fds = {}
-            self._lane = self._append_to_lane = None
+            self._lane = None
 
     # -- internals -------------------------------------------------------------------------
 
