@@ -78,9 +78,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import psutil
 import pytest
+from paired import paired_ratios
 
 from moesif_fast.collector import read_events, read_stats
-from moesif_fast.demo.run import start_collector, start_gunicorn, stop
+from moesif_fast.demo.run import start_gunicorn, stop
 from moesif_fast.settings import MoesifOptions
 
 RATE = float(os.environ.get("MOESIF_BENCH_PACED_RATE", "1650"))
@@ -95,7 +96,6 @@ PACED_RATE_SHARE = 0.99  # a round held the pace if it answered at least this sh
 PACED_LATE_SHARE = 0.05  # and no more than this share of its requests started late
 BODY = json.dumps({"user": "ada", "note": "x" * 960}).encode()
 REQUEST_ID_PARAMETER = "rid"
-COLLECTOR_NICE = 19
 DELIVERY_TIMEOUT = 300.0  # a failure, not a timing: the wait itself is untimed
 STOP_TIMEOUT = 120.0
 
@@ -287,21 +287,6 @@ def spooled(ring_dir: str) -> int:
     return ((ring["shipper"] or {}).get("spool") or {}).get("appended", 0)
 
 
-def paired_ratios(in_order: list[tuple[str, float]]) -> dict[str, list[float]]:
-    """Per capture server, each of its rounds' CPU per request over the mean of the nearest
-    rounds without capture before and after it (one of them for a round at either end)."""
-    ratios: dict[str, list[float]] = {}
-    for index, (name, tree) in enumerate(in_order):
-        if name == WITHOUT:
-            continue
-        before = next((value for other, value in reversed(in_order[:index]) if other == WITHOUT),
-                      None)
-        after = next((value for other, value in in_order[index + 1:] if other == WITHOUT), None)
-        beside = [value for value in (before, after) if value is not None]
-        ratios.setdefault(name, []).append(tree / statistics.mean(beside))
-    return ratios
-
-
 # --- collector ------------------------------------------------------------------------------
 
 
@@ -321,23 +306,12 @@ def clients() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
         yield pool
 
 
-@pytest.fixture(scope="module")
-def collector() -> Iterator[tuple[str, str, int]]:
-    """The collector's URL, database and process id."""
-    with tempfile.TemporaryDirectory() as directory:
-        process, url = start_collector(directory)
-        for thread in psutil.Process(process.pid).threads():  # new threads inherit it
-            os.setpriority(os.PRIO_PROCESS, thread.id, COLLECTOR_NICE)
-        yield url, os.path.join(directory, "collector.sqlite3"), process.pid
-        stop(process)
-
-
 # --- the benchmark --------------------------------------------------------------------------
 
 
-def test_paced_host_cpu(benchmark, collector: tuple[str, str, int], clients,
+def test_paced_host_cpu(benchmark, niced_collector: tuple[str, str, psutil.Process], clients,
                         report: Callable[[str], None]) -> None:
-    collector_url, db_path, collector_pid = collector
+    collector_url, db_path, collector = niced_collector
     roots: dict[str, int] = {}
     ring_dirs: dict[str, str] = {}
     urls: dict[str, str] = {}
@@ -355,7 +329,7 @@ def test_paced_host_cpu(benchmark, collector: tuple[str, str, int], clients,
         since_id = read_stats(db_path)["events"]
         busy_before, wall_before = machine_busy(), time.monotonic()
         idle_before = {other: snapshot(root) for other, root in roots.items() if other != name}
-        collector_before = psutil.Process(collector_pid).cpu_times()
+        collector_before = collector.cpu_times()
         spooled_before = spooled(ring_dirs[name]) if SERVERS[name] is not None else 0
         before = snapshot(roots[name])
         loaded = load(urls[name], clients, seconds, label)
@@ -364,7 +338,7 @@ def test_paced_host_cpu(benchmark, collector: tuple[str, str, int], clients,
         busy = (machine_busy() - busy_before) / wall
         idle = sum(cpu_between(idle_before[other], snapshot(roots[other]))["total"]
                    for other in idle_before) / wall
-        collector_after = psutil.Process(collector_pid).cpu_times()
+        collector_after = collector.cpu_times()
         collector_cpu = (collector_after.user + collector_after.system
                          - collector_before.user - collector_before.system)
         answered = loaded["answered"]
@@ -501,7 +475,7 @@ def test_paced_host_cpu(benchmark, collector: tuple[str, str, int], clients,
         return statistics.median(result[key] for result in rounds[name])
 
     baseline = median(WITHOUT, "tree_us_per_request")
-    paired = paired_ratios(in_order)
+    paired = paired_ratios(in_order, WITHOUT)
     summary: dict[str, Any] = {}
     say(f"medians of the rounds ({sys.implementation.name} {sys.version.split()[0]}):")
     for name in SERVERS:

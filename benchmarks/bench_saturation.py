@@ -50,9 +50,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import psutil
 import pytest
+from paired import paired_ratios
 
 from moesif_fast.collector import read_events, read_stats
-from moesif_fast.demo.run import start_collector, start_gunicorn, stop
+from moesif_fast.demo.run import start_gunicorn, stop
 
 SATURATION_S = float(os.environ.get("MOESIF_BENCH_SATURATION_S", "10"))  # one round
 ROUNDS = int(os.environ.get("MOESIF_BENCH_SATURATION_ROUNDS", "3"))  # of each kind
@@ -62,7 +63,6 @@ THREADS_PER_PROCESS = 4
 WORKERS = 2
 BODY = json.dumps({"user": "ada", "note": "x" * 960}).encode()
 REQUEST_ID_PARAMETER = "rid"  # names each request, to match events with answers
-COLLECTOR_NICE = 19
 STOP_TIMEOUT = 120.0  # SIGTERM to exit: gunicorn's graceful stop, then SHUTDOWN_DEADLINE
 DELIVERY_TIMEOUT = 600.0  # for the restarted server's backlog (a failure, not a timing)
 
@@ -157,36 +157,14 @@ def clients() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
         yield pool
 
 
-@pytest.fixture(scope="module")
-def collector() -> Iterator[tuple[str, str, psutil.Process]]:
-    """The collector's URL, database and process."""
-    with tempfile.TemporaryDirectory() as directory:
-        process, url = start_collector(directory)
-        collector_process = psutil.Process(process.pid)
-        for thread in collector_process.threads():  # new threads inherit it
-            os.setpriority(os.PRIO_PROCESS, thread.id, COLLECTOR_NICE)
-        yield url, os.path.join(directory, "collector.sqlite3"), collector_process
-        stop(process)
-
-
 def cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
     return times.user + times.system
 
 
-def paired_ratios(with_rates: list[float], without_rates: list[float]) -> list[float]:
-    """Each capture round's rate over the mean rate of the rounds without capture beside it
-    (the one before it and, if there is one, the one after it)."""
-    ratios = []
-    for number, rate in enumerate(with_rates):
-        beside = without_rates[number:number + 2]
-        ratios.append(rate / (sum(beside) / len(beside)))
-    return ratios
-
-
-def test_saturation_then_sigterm(benchmark, collector: tuple[str, str], clients,
-                                 report: Callable[[str], None]) -> None:
-    collector_url, db_path, collector_process = collector
+def test_saturation_then_sigterm(benchmark, niced_collector: tuple[str, str, psutil.Process],
+                                 clients, report: Callable[[str], None]) -> None:
+    collector_url, db_path, collector_process = niced_collector
     info: dict[str, Any] = {"seconds_per_round": SATURATION_S, "rounds_of_each": ROUNDS}
     lines: list[str] = []
 
@@ -201,6 +179,7 @@ def test_saturation_then_sigterm(benchmark, collector: tuple[str, str], clients,
         without: list[dict[str, Any]] = []
         with_capture: list[dict[str, Any]] = []
         answered: list[str] = []
+        in_order: list[tuple[str, float]] = []  # ("with" or "without", requests/s) per round
 
         def without_capture_round(number: int) -> None:
             round_dir = os.path.join(directory, f"baseline-{number}")
@@ -220,6 +199,7 @@ def test_saturation_then_sigterm(benchmark, collector: tuple[str, str], clients,
             assert exit_code == 0, f"gunicorn exited with {exit_code}"
             without.append({"answered": len(ids), "failed": failed,
                             "requests_per_second": len(ids) / elapsed})
+            in_order.append(("without", len(ids) / elapsed))
             say(f"round {2 * number + 1}, without capture: {len(ids):,} answered ({failed} "
                 f"failed) in {elapsed:.1f} s, {len(ids) / elapsed:,.0f} requests/s")
 
@@ -248,6 +228,7 @@ def test_saturation_then_sigterm(benchmark, collector: tuple[str, str], clients,
                 "ring_dropped_at_load_stop": reports[0]["dropped"],
                 "events_held_after_sigterm": held_after_sigterm}
             with_capture.append(result)
+            in_order.append(("with", result["requests_per_second"]))
             say(f"round {2 * number + 2}, with capture: {len(ids):,} answered ({failed} "
                 f"failed) in {elapsed:.1f} s, {len(ids) / elapsed:,.0f} requests/s (the "
                 f"collector took {collector_cpu / elapsed:.2f} of the 2 cores meanwhile); of the "
@@ -266,8 +247,7 @@ def test_saturation_then_sigterm(benchmark, collector: tuple[str, str], clients,
         assert not any(str(rid).startswith("b") for rid in events_by_request_id(db_path)), \
             "a server without capture sent events"
 
-        ratios = paired_ratios([r["requests_per_second"] for r in with_capture],
-                               [r["requests_per_second"] for r in without])
+        ratios = paired_ratios(in_order, "without")["with"]
         total_with = sum(r["answered"] for r in with_capture) / (ROUNDS * SATURATION_S)
         total_without = sum(r["answered"] for r in without) / ((ROUNDS + 1) * SATURATION_S)
         info["without_capture"] = without

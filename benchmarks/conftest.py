@@ -5,6 +5,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 
+import psutil
 import pytest
 
 from moesif_fast import ringfile
@@ -12,6 +13,7 @@ from moesif_fast.demo.run import start_collector, stop
 from moesif_fast.ringbuffer import Geometry, Reader, RingFile
 
 _SUMMARY = pytest.StashKey[list[str]]()
+COLLECTOR_NICE = 19
 
 
 @pytest.fixture
@@ -47,3 +49,17 @@ def ring_reader() -> Iterator[Reader]:
         yield reader
         reader.close()
         del os.environ[ringfile.RING_ENV]
+
+
+@pytest.fixture(scope="module")
+def niced_collector() -> Iterator[tuple[str, str, psutil.Process]]:
+    """The local collector at nice 19, standing in for Moesif's servers, whose work is not on
+    the host at all (so that it takes as little as it can of the CPU time the server wants):
+    its URL, database and process."""
+    with tempfile.TemporaryDirectory() as directory:
+        process, url = start_collector(directory)
+        collector = psutil.Process(process.pid)
+        for thread in collector.threads():  # new threads inherit it
+            os.setpriority(os.PRIO_PROCESS, thread.id, COLLECTOR_NICE)
+        yield url, os.path.join(directory, "collector.sqlite3"), collector
+        stop(process)
