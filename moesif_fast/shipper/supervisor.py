@@ -8,12 +8,16 @@ shipper to finish (SIGTERM: deliver what is left within the deadline) and waits 
 
 A shipper that is stuck is killed and started again: while its child is the ring's reader, the
 supervisor watches the reader's heartbeat in the ring header, which the shipper refreshes at
-least every pass of its loop (every 50 ms when idle, waiting for the collector or finishing)
+least every pass of its loop (every second when idle, waiting for the collector or finishing)
 and before each record it decodes. If the heartbeat has not changed for STALL_TIMEOUT seconds
 of the supervisor's own monotonic clock (a wall-clock step cannot fake a stall), the shipper
 is hung, most likely on one record, which its mark in the ring header names: it gets SIGKILL,
 and the record is read again by the next shipper, which is skipped if that one hangs or dies on
 it too (see `ringbuffer.reader`).
+
+Between checks it sleeps: where Linux gives pidfds (`parent.py`), until the shipper or the
+arbiter exits, a signal arrives, or CHECK_INTERVAL passes (for the heartbeat); elsewhere POLL at
+a time. (Waking every POLL cost ~2 ms of CPU per second, all day.)
 
 It is a separate process rather than a thread in the arbiter because gunicorn forks its
 workers from the arbiter and reaps every child with waitpid(-1); a thread there would make
@@ -22,8 +26,10 @@ each fork a multi-threaded fork.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import time
@@ -31,11 +37,12 @@ from types import FrameType
 
 from ..ringbuffer import RingError, RingFile
 from ..ringbuffer.layout import WORD_READER_PID
-from .parent import ParentWatch
+from .parent import ParentWatch, exit_fd_of
 
 logger = logging.getLogger("moesif_fast.supervisor")
 
-POLL = 0.2  # seconds between checks of the shipper and the arbiter
+POLL = 0.2  # seconds between checks of the shipper and the arbiter, without pidfds
+CHECK_INTERVAL = 1.0  # seconds between checks of the heartbeat, sleeping on pidfds
 RESTART_DELAYS = (0.0, 0.5, 1.0, 1.5)  # waits before successive quick restarts (≤ 2 s)
 STABLE_AFTER = 10.0  # a shipper that ran this long resets the restart delay
 EXIT_GRACE = 5.0  # seconds beyond the shipper's deadline before it is killed
@@ -106,26 +113,28 @@ def supervise(ship_command: list[str], parent: ParentWatch, deadline: float,
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     watch = StallWatch(ring_of(ship_command), stall_timeout)
+    signals = _signal_pipe()
     quick_restarts = 0
     try:
         while not stopping and parent.alive():
             started = time.monotonic()
             shipper = subprocess.Popen(ship_command, stdin=subprocess.DEVNULL)
-            while shipper.poll() is None and not stopping and parent.alive():
-                time.sleep(POLL)
-                _kill_if_stalled(shipper, watch)
-            if shipper.returncode is None:  # we are stopping: let the shipper finish
-                shipper.send_signal(signal.SIGTERM)
-                give_up_at = time.monotonic() + deadline + EXIT_GRACE
-                while shipper.poll() is None and time.monotonic() < give_up_at:
-                    time.sleep(POLL)
+            with _Sleep(shipper, parent, signals) as sleep:
+                while shipper.poll() is None and not stopping and parent.alive():
+                    sleep()
                     _kill_if_stalled(shipper, watch)
-                if shipper.poll() is None:
-                    logger.error("moesif_fast supervisor: shipper %d did not finish in time; "
-                                 "killing it", shipper.pid)
-                    shipper.kill()
-                    shipper.wait()
-                break
+                if shipper.returncode is None:  # we are stopping: let the shipper finish
+                    shipper.send_signal(signal.SIGTERM)
+                    give_up_at = time.monotonic() + deadline + EXIT_GRACE
+                    while shipper.poll() is None and time.monotonic() < give_up_at:
+                        sleep()
+                        _kill_if_stalled(shipper, watch)
+                    if shipper.poll() is None:
+                        logger.error("moesif_fast supervisor: shipper %d did not finish in "
+                                     "time; killing it", shipper.pid)
+                        shipper.kill()
+                        shipper.wait()
+                    break
             if time.monotonic() - started >= STABLE_AFTER:
                 quick_restarts = 0
             delay = RESTART_DELAYS[min(quick_restarts, len(RESTART_DELAYS) - 1)]
@@ -135,8 +144,62 @@ def supervise(ship_command: list[str], parent: ParentWatch, deadline: float,
             time.sleep(delay)
     finally:
         watch.close()
+        if signals is not None:
+            signal.set_wakeup_fd(-1)
+            os.close(signals[0])
+            os.close(signals[1])
     logger.info("moesif_fast supervisor %d: done", os.getpid())
     return 0
+
+
+def _signal_pipe() -> tuple[int, int] | None:
+    """A pipe that Python writes a byte to on every signal (`signal.set_wakeup_fd`), so that a
+    sleep on file descriptors ends when SIGTERM asks to stop; None if it cannot be set up."""
+    reading, writing = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        signal.set_wakeup_fd(writing, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread
+        os.close(reading)
+        os.close(writing)
+        return None
+    return reading, writing
+
+
+class _Sleep:
+    """The supervisor's wait between two checks: until the shipper or the parent exits or a
+    signal arrives, at most CHECK_INTERVAL; POLL without pidfds (see the module docstring)."""
+
+    def __init__(self, shipper: subprocess.Popen[bytes], parent: ParentWatch,
+                 signals: tuple[int, int] | None) -> None:
+        self._shipper_fd = exit_fd_of(shipper.pid)  # our child: its pid is not reused before
+        # we reap it
+        self._signals = signals
+        self._parent_fd = parent.exit_fd
+        self._poll: select.poll | None = None
+        if self._shipper_fd is not None and signals is not None \
+                and (parent.pid is None or parent.exit_fd is not None):
+            self._poll = select.poll()
+            for fd in (self._shipper_fd, signals[0], parent.exit_fd):
+                if fd is not None:
+                    self._poll.register(fd, select.POLLIN)
+
+    def __call__(self) -> None:
+        if self._poll is None or self._signals is None:
+            time.sleep(POLL)
+            return
+        for fd, _ in self._poll.poll(CHECK_INTERVAL * 1000):
+            if fd == self._signals[0]:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(fd, 512)  # drained: the signal handler itself sets the flags
+            elif fd == self._parent_fd:  # exited: readable from now on; the caller sees it
+                self._poll.unregister(fd)  # gone through `parent.alive()`
+
+    def __enter__(self) -> _Sleep:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._shipper_fd is not None:
+            os.close(self._shipper_fd)
 
 
 def _kill_if_stalled(shipper: subprocess.Popen[bytes], watch: StallWatch) -> None:
