@@ -333,6 +333,7 @@ class Spool:
         self._appended = self._committed = self._dropped_full = 0
         self._dropped_corrupt = self._truncated_bytes = self._write_errors = 0
         self._ledger_dirty = self._folder_dirty = False
+        self._tail_dirty = False  # the last segment was written since the last sync()
         self._warned: dict[str, float] = {}
         self._folder_fd = -1
         private.make_folder(folder)
@@ -364,6 +365,7 @@ class Spool:
             block_bytes = BLOCK_BYTES + sum(map(len, records)) + ENTRY_BYTES * len(records)
             fits = self._make_room(records, block_bytes)
             written = self._write(records, fits) if fits else 0
+            self._tail_dirty = self._tail_dirty or written > 0
             self._appended += written
             self._held += written
             self._unread += written
@@ -391,8 +393,10 @@ class Spool:
                     with contextlib.suppress(OSError):
                         to_sync.append(os.dup(self._read_fd(segment)))
             self._unsynced.clear()
-            with contextlib.suppress(OSError):
-                to_sync.append(os.dup(self._segments[-1].fd))
+            if self._tail_dirty:  # an idle spool does no I/O
+                self._tail_dirty = False
+                with contextlib.suppress(OSError):
+                    to_sync.append(os.dup(self._segments[-1].fd))
         for fd in to_sync:  # outside the lock: the reader need not wait for the disk
             try:
                 os.fdatasync(fd)
