@@ -254,7 +254,7 @@ def _send(path: str, profiles: list[dict[str, Any]], timeout: float) -> Outcome:
     give_up_at = time.monotonic() + timeout
     never_stop = Stop()
     for request in requests:
-        outcome = transport.post(request.path, request.body, compress=False,
+        outcome = transport.post(request.path, request.body, gzipped=False,
                                  give_up_at=give_up_at, stop=never_stop)
         if not outcome.delivered:
             return outcome

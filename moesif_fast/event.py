@@ -38,7 +38,7 @@ import math
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -77,6 +77,9 @@ _EVENT_TAIL_KEYS = ("session_token", "tags", "user_id", "company_id", "metadata"
                     "weight", "blocked_by", "transaction_id")
 
 _NS_PER_SECOND = 1_000_000_000
+PIECE_BYTES = 32 << 10  # how much of a batch `batch_pieces` joins at a time: ISA-L, fed pieces
+# of up to 32 KiB, writes the same bytes as for the whole batch; larger ones cost it up to a
+# third of its compression ratio (48 to 128 KiB, measured), smaller ones more calls
 _MILLISECONDS = tuple(f"{millisecond:03d}" for millisecond in range(1000))
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 _JSON_STARTS = (b"{", b"[")
@@ -366,13 +369,31 @@ def _new_transaction_id() -> str:
     return str(uuid.uuid4())
 
 
+def batch_pieces(events: list[bytes]) -> Iterator[bytes]:
+    """The JSON array of events encoded by `EventBuilder.encode`, as pieces of about
+    PIECE_BYTES whose concatenation it is, for a compressor to take one at a time. A batch is
+    megabytes: joined whole, it is a fresh buffer each time, which cost the shipper ~3 µs per
+    event in page faults (pieces this size are reused memory, still in the CPU's caches). The
+    brackets and commas ride on the events' own joins (1-byte pieces of their own cost ISA-L
+    ratio)."""
+    if not events:
+        yield b"[]"
+        return
+    step = max(1, PIECE_BYTES * len(events) // sum(map(len, events)))
+    for start in range(0, len(events), step):
+        piece = events[start:start + step]  # a new list: the caller's is left as it was
+        if start == 0:
+            piece[0] = b"[" + piece[0]
+        if start + step >= len(events):
+            piece[-1] += b"]"
+        else:
+            piece.append(b"")  # the comma before the next piece
+        yield b",".join(piece)
+
+
 def serialize_batch(events: list[bytes]) -> bytes:
-    """The JSON array of events encoded by `EventBuilder.encode`. Written by one `join`, the
-    brackets riding on the first and last events: a batch is most of a megabyte, and each
-    copy of it costs about 0.4 µs per event (the shipper's largest allocation, fresh pages)."""
-    if len(events) < 2:
-        return b"[" + b"".join(events) + b"]"
-    return b",".join([b"[" + events[0], *events[1:-1], events[-1] + b"]"])
+    """The JSON array of `batch_pieces` whole (what the collector reads once it gunzips)."""
+    return b"".join(batch_pieces(events))
 
 
 def _serialize_event(event: dict[str, Any]) -> bytes:

@@ -187,7 +187,7 @@ def post_all(base_uri: str, requests_: list[entities.EntityRequest],
     transport = CollectorTransport(base_uri, APPLICATION_ID, user_agent="entities-tests",
                                    max_backoff=0.2)
     try:
-        return [transport.post(request.path, request.body, compress=False,
+        return [transport.post(request.path, request.body, gzipped=False,
                                give_up_at=time.monotonic() + give_up_after,
                                stop=Stop())
                 for request in requests_]

@@ -17,7 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moesif_fast.event import EventBuilder, EventDropped, json_safe, serialize_batch
+from moesif_fast.event import (
+    PIECE_BYTES,
+    EventBuilder,
+    EventDropped,
+    batch_pieces,
+    json_safe,
+    serialize_batch,
+)
 from moesif_fast.record import CapturedCall, header_columns
 from moesif_fast.settings import MoesifOptions
 
@@ -690,6 +697,20 @@ def test_serialize_batch_is_the_json_array_of_its_events() -> None:
     for count in range(len(events) + 1):
         assert serialize_batch(events[:count]) == b"[" + b",".join(events[:count]) + b"]"
     assert events == [b'{"a":1}', b'{"b":[2]}', b'{}', b'{"c":"d"}']  # left as they were
+
+
+@pytest.mark.parametrize("sizes", [[], [10], [PIECE_BYTES * 3], [100] * 5_000,
+                                   [PIECE_BYTES // 3 + 1] * 7, [5, PIECE_BYTES * 2, 5, 5] * 3])
+def test_batch_pieces_are_the_array_in_pieces_of_about_piece_bytes(sizes: list[int]) -> None:
+    """What the loop gzips piece by piece: the same bytes as the whole array, and no piece of
+    events much longer than PIECE_BYTES unless one event is (the memory it spares)."""
+    events = [b'"' + bytes([97 + number % 26]) * (size - 2) + b'"' for number, size in
+              enumerate(sizes)]
+    pieces = list(batch_pieces(events))
+    assert b"".join(pieces) == b"[" + b",".join(events) + b"]"
+    assert json.loads(b"".join(pieces)) == [event[1:-1].decode() for event in events]
+    average = sum(sizes) // max(1, len(sizes))
+    assert all(len(piece) <= 2 * PIECE_BYTES + 2 * average for piece in pieces)
 
 
 def strict_loads(data: bytes) -> Any:

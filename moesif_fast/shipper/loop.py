@@ -42,7 +42,7 @@ from typing import Any
 
 from .. import private
 from ..entities import entity_requests
-from ..event import EventBuilder, EventDropped, serialize_batch
+from ..event import EventBuilder, EventDropped, batch_pieces
 from ..record import EntityUpdate, decode
 from ..ringbuffer import Reader, RingFile
 from ..ringfile import policy_snapshot_path, shipper_stats_path
@@ -52,7 +52,7 @@ from .drops import DropReport
 from .intake import MAX_BATCH_BYTES, Handoff, RingIntake
 from .priority import CatchUp, drive, lower_this_thread
 from .refresh import PolicyRefresher
-from .transport import CollectorTransport, Outcome, Stop
+from .transport import CollectorTransport, Outcome, Stop, gzip_compress
 
 logger = logging.getLogger("moesif_fast.shipper")
 
@@ -109,7 +109,7 @@ class Request:
     path: str
     body: bytes
     count: int  # events or updates in the body
-    compress: bool
+    gzipped: bool
     cancel: Stop  # set: stop retrying (the deadline passed, or the batch was spooled)
 
 
@@ -272,8 +272,8 @@ class Shipper:
         except SettingsChanged as change:
             self.restart_for = change.tag  # nothing of this batch is sent nor committed
             return
-        requests = [Request(work, EVENTS_PATH, serialize_batch(events), len(events), True,
-                            cancel)] if events else []
+        requests = [Request(work, EVENTS_PATH, gzip_compress(batch_pieces(events)),
+                            len(events), True, cancel)] if events else []
         requests += [Request(work, path, body, count, False, cancel)
                      for path, body, count in entity_requests(updates)]
         if not requests:
@@ -410,7 +410,7 @@ class Shipper:
         while (request := jobs.get()) is not None:
             try:
                 outcome = self.transport.post(request.path, request.body,
-                                              compress=request.compress, give_up_at=None,
+                                              gzipped=request.gzipped, give_up_at=None,
                                               stop=request.cancel)
             except Exception as error:
                 logger.exception("moesif_fast shipper: sending a batch failed unexpectedly")

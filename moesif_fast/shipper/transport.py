@@ -23,8 +23,10 @@ Connections (as they were with requests):
   bundle (the bundle requests uses).
 - Every request carries X-Moesif-Application-Id, User-Agent and Accept-Encoding (what urllib3
   can decode: gzip, deflate...); a POST adds Content-Type, and Content-Encoding when gzipped.
-- Payloads are gzipped by `gzip_compress`: ISA-L (`isal`) when installed, else zlib, both at
-  level 1; standard gzip either way.
+- Batches of events are gzipped by the shipper's loop with `gzip_compress` (ISA-L, `isal`, when
+  installed, else zlib, both at level 1; standard gzip either way), piece by piece, so that the
+  batch is never held whole uncompressed; `post(..., gzipped=True)` sends them with
+  Content-Encoding: gzip, and a retry resends the same bytes.
 - `outgoing.py` captures calls made through `requests` only, so these are never captured.
 
 Retry policy of `post` and `get_json`:
@@ -54,13 +56,14 @@ Retry policy of `post` and `get_json`:
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import random
 import re
 import threading
 import time
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -93,33 +96,40 @@ from urllib3.util.retry import Retry
 from urllib3.util.ssl_ import create_urllib3_context
 
 try:  # ISA-L writes the same gzip as zlib with 5 to 12 times less CPU (bench_gzip.py)
-    from isal import igzip_lib
+    from isal import isal_zlib
 except ImportError:
-    igzip_lib = None
+    isal_zlib = None
 
 logger = logging.getLogger("moesif_fast.shipper")
 
 FIRST_BACKOFF_CEILING = 0.5  # seconds; the ceiling doubles after each failed attempt
 BODY_SNIPPET_CHARS = 200  # how much of a failed response's body goes into errors and logs
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip container, as zlib and ISA-L take it
 
 _SLASH_RUNS = re.compile(r"/{2,}")
 _RETRY_AFTER_PARSER = Retry(0)  # used only for its Retry-After parsing
 _NO_RETRIES = Retry(False, redirect=False)  # what urllib3 makes of retries=False, made once
 
 
-def gzip_zlib(data: bytes) -> bytes:
-    """`data` as gzip, by zlib at level 1 (mtime 0: the same bytes for the same data)."""
-    return gzip.compress(data, compresslevel=1, mtime=0)
+def gzip_zlib(pieces: Iterable[bytes]) -> bytes:
+    """The concatenation of `pieces` as gzip, by zlib at level 1 (mtime 0: the same bytes for
+    the same data)."""
+    return _gzip(zlib.compressobj(1, zlib.DEFLATED, GZIP_WBITS), pieces)
 
 
-def gzip_isal(data: bytes) -> bytes:
-    """`data` as gzip, by ISA-L at level 1 (mtime 0); needs `isal`. ISA-L writes the gzip
-    header itself (the one `isal.igzip.compress` would prepend with a copy of the output)."""
-    return igzip_lib.compress(data, 1, flag=igzip_lib.COMP_GZIP)
+def gzip_isal(pieces: Iterable[bytes]) -> bytes:
+    """The same by ISA-L at level 1; needs `isal`."""
+    return _gzip(isal_zlib.compressobj(1, isal_zlib.DEFLATED, GZIP_WBITS), pieces)
 
 
-gzip_compress = gzip_zlib if igzip_lib is None else gzip_isal
+def _gzip(compressor: Any, pieces: Iterable[bytes]) -> bytes:
+    parts = [compressor.compress(piece) for piece in pieces]
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+gzip_compress = gzip_zlib if isal_zlib is None else gzip_isal
 
 
 @dataclass(frozen=True)
@@ -224,20 +234,19 @@ class CollectorTransport:
         path: str,
         payload: bytes,
         *,
-        compress: bool,
+        gzipped: bool,
         give_up_at: float | None,
         stop: Stop,
     ) -> Outcome:
-        """POST serialized JSON `payload` to `path` ("/v1/events/batch"), gzipped if `compress`.
+        """POST serialized JSON `payload` to `path` ("/v1/events/batch"); `gzipped`: it is
+        gzip (`gzip_compress`), sent with Content-Encoding: gzip.
 
         Retries by the module's policy until the payload is delivered or refused for good, the
         next wait would pass `give_up_at` (a `time.monotonic()` deadline; None: no deadline), or
         `stop` is set.
         """
-        if compress:
-            payload = gzip_compress(payload)
         outcome, _ = self._exchange(
-            "POST", path, payload, self._post_headers[compress], give_up_at, stop
+            "POST", path, payload, self._post_headers[gzipped], give_up_at, stop
         )
         return outcome
 
