@@ -13,9 +13,9 @@ next slot and sleeps until it is due), so the load is paced, not saturating.
 Four servers run at once, idle but for the one under load: without capture (no middleware,
 MOESIF_DEMO_CAPTURE=0, and a gunicorn config without the hooks, so no ring, supervisor or
 shipper either: the hooks would start an idle shipper even without the middleware), and with
-it at BATCH_SIZE 25 (the reference's default), 100 and 250 (set through MOESIF_DEMO_OPTIONS,
+it at BATCH_SIZE 25 (the reference's default), 250 and 1000 (set through MOESIF_DEMO_OPTIONS,
 which the demo settings merge into MOESIF_MIDDLEWARE). Each cycle's rounds alternate: without,
-25, without, 100, without, 250; each round is ROUND_S seconds of load, after a warm-up round
+25, without, 250, without, 1000; each round is ROUND_S seconds of load, after a warm-up round
 per server that is not counted. The ring lives in a temporary folder on tmpfs (where rings live
 by default), the spool in one on disk. The servers inherit the benchmark's environment (e.g.
 MOESIF_FAST_PURE_PYTHON=1 for the pure-Python path).
@@ -103,8 +103,8 @@ WITHOUT = "without capture"
 SERVERS: dict[str, dict[str, object] | None] = {  # name: MOESIF_MIDDLEWARE options, or none
     WITHOUT: None,
     "BATCH_SIZE 25": {"BATCH_SIZE": 25},
-    "BATCH_SIZE 100": {"BATCH_SIZE": 100},
     "BATCH_SIZE 250": {"BATCH_SIZE": 250},
+    "BATCH_SIZE 1000": {"BATCH_SIZE": 1000},
 }
 CAPTURE = [name for name, options in SERVERS.items() if options is not None]
 REFERENCE = "BATCH_SIZE 25"  # "with capture" in the headline ratio: the reference's default

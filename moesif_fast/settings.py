@@ -59,7 +59,7 @@ class MoesifOptions:
     AUTHORIZATION_HEADER_NAME: str = "authorization"
     AUTHORIZATION_USER_ID_FIELD: str = "sub"
     DISABLE_TRANSACTION_ID: bool = False
-    BATCH_SIZE: int = 250  # moesif_fast: the reference's is 25 (see the README's table)
+    BATCH_SIZE: int = 1000  # moesif_fast: the reference's is 25 (see the README's table)
     EVENT_QUEUE_SIZE: int = 1_000_000
     CAPTURE_OUTGOING_REQUESTS: bool = False
     IDENTIFY_USER_OUTGOING: Callback = None

@@ -1208,7 +1208,7 @@ def test_mask_event_model_breaking_the_event_shape_never_drops_the_batch_W9(
 
 
 @pytest.mark.parametrize(("batch_size", "requests", "expected_batches"), [
-    pytest.param(None, 260, [10, 250], id="default-250"),
+    pytest.param(None, 1003, [3, 1000], id="default-1000"),
     pytest.param(25, 30, [5, 25], id="the-reference-default-when-set"),
     pytest.param(3, 7, [1, 3, 3], id="three"),
 ])
