@@ -379,7 +379,7 @@ def batch_pieces(events: list[bytes]) -> Iterator[bytes]:
     if not events:
         yield b"[]"
         return
-    step = max(1, PIECE_BYTES * len(events) // sum(map(len, events)))
+    step = max(1, PIECE_BYTES * len(events) // max(1, sum(map(len, events))))
     for start in range(0, len(events), step):
         piece = events[start:start + step]  # a new list: the caller's is left as it was
         if start == 0:
