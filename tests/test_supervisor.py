@@ -5,7 +5,8 @@ and `parent.py`).
 Real processes throughout: the supervisor runs `supervise()` as its main program, its "shipper"
 is a small Python program that notes in a file when it starts and when it gets SIGTERM. The
 tests that check promptness set the supervisor's CHECK_INTERVAL to an hour, so they finish only
-if a pidfd or the signal pipe wakes it (their waits are failure bounds, not timings)."""
+if a pidfd or the signal pipe wakes it (their waits are failure bounds, not timings); they run
+again with pidfds made unavailable in the supervisor, where it must fall back to polling."""
 
 from __future__ import annotations
 
@@ -41,14 +42,14 @@ while os.getppid() == supervisor:  # not left behind by a supervisor killed in a
 
 SUPERVISOR = f"""\
 import sys
-from moesif_fast.shipper import supervisor
-from moesif_fast.shipper.parent import ParentWatch
-notes, mode, parent, check_interval = sys.argv[1:5]
+from moesif_fast.shipper import parent as parent_module, supervisor
+notes, mode, parent, check_interval, waiting = sys.argv[1:6]
 supervisor.CHECK_INTERVAL = float(check_interval)
+if waiting == "polling":  # as where there are no pidfds
+    parent_module.exit_fd_of = supervisor.exit_fd_of = lambda pid: None
 command = [sys.executable, "-c", {SHIPPER!r}, notes, mode]
-sys.exit(supervisor.supervise(command, ParentWatch(int(parent)), deadline=5.0))
+sys.exit(supervisor.supervise(command, parent_module.ParentWatch(int(parent)), deadline=5.0))
 """
-
 
 
 def pidfds_work() -> bool:
@@ -62,10 +63,11 @@ needs_pidfd = pytest.mark.skipif(not pidfds_work(),
                                  reason="no pidfd here (Linux 5.3+): the supervisor polls")
 
 
-def start_supervisor(notes: Path, mode: str, parent: int, check_interval: float
-                     ) -> subprocess.Popen[str]:
+def start_supervisor(notes: Path, mode: str, parent: int, check_interval: float,
+                     waiting: str = "pidfd") -> subprocess.Popen[str]:
+    """`waiting`: "pidfd", or "polling" (pidfds made unavailable in the supervisor)."""
     return subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(notes), mode, str(parent),
-                             str(check_interval)], stdin=subprocess.DEVNULL, text=True)
+                             str(check_interval), waiting], stdin=subprocess.DEVNULL, text=True)
 
 
 def starts(notes: Path) -> int:
@@ -107,11 +109,14 @@ def test_an_idle_supervisor_wakes_about_once_a_second(
     assert supervisor.wait(timeout=30) == 0
 
 
-@needs_pidfd
+WAYS = [pytest.param("pidfd", marks=needs_pidfd), "polling"]
+
+
+@pytest.mark.parametrize("waiting", WAYS)
 def test_a_shipper_that_exits_is_started_again_and_sigterm_is_passed_on(
-        tmp_path: Path, stopped_at_end: list[subprocess.Popen[str]]) -> None:
+        tmp_path: Path, stopped_at_end: list[subprocess.Popen[str]], waiting: str) -> None:
     notes = tmp_path / "notes"
-    supervisor = start_supervisor(notes, "exit-first", os.getpid(), 3600.0)
+    supervisor = start_supervisor(notes, "exit-first", os.getpid(), 3600.0, waiting)
     stopped_at_end.append(supervisor)
     wait_until(lambda: starts(notes) == 2, 30, "the shipper started again after it exited")
     supervisor.send_signal(signal.SIGTERM)
@@ -120,13 +125,13 @@ def test_a_shipper_that_exits_is_started_again_and_sigterm_is_passed_on(
     assert starts(notes) == 2
 
 
-@needs_pidfd
+@pytest.mark.parametrize("waiting", WAYS)
 def test_the_supervisor_finishes_when_its_arbiter_exits(
-        tmp_path: Path, stopped_at_end: list[subprocess.Popen[str]]) -> None:
+        tmp_path: Path, stopped_at_end: list[subprocess.Popen[str]], waiting: str) -> None:
     notes = tmp_path / "notes"
     arbiter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     stopped_at_end.append(arbiter)
-    supervisor = start_supervisor(notes, "run", arbiter.pid, 3600.0)
+    supervisor = start_supervisor(notes, "run", arbiter.pid, 3600.0, waiting)
     stopped_at_end.append(supervisor)
     wait_until(lambda: starts(notes) == 1, 30, "the shipper started")
     arbiter.kill()  # and not reaped yet: a zombie counts as gone
