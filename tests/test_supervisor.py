@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import wait_until
 
@@ -146,13 +147,14 @@ def test_parent_watch_sees_a_zombie_and_a_reaped_process_as_gone(with_pidfd: boo
         pytest.skip("no pidfd here (Linux 5.3+)")
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     watch = ParentWatch(process.pid)
-    if not with_pidfd:
+    if not with_pidfd and watch.exit_fd is not None:
         os.close(watch.exit_fd)
         watch.exit_fd = None  # as where there are no pidfds
-    assert watch.exit_fd is not None if with_pidfd else watch.exit_fd is None
+    assert (watch.exit_fd is not None) == with_pidfd
     assert watch.alive()
     process.kill()
     wait_until(lambda: not watch.alive(), 30, "the killed process seen as gone")
-    assert process.poll() is not None  # reaped only now (poll checked it was a zombie)
+    assert psutil.Process(process.pid).status() == psutil.STATUS_ZOMBIE  # not reaped yet
+    assert process.poll() is not None  # reaped now
     assert not watch.alive()
     assert ParentWatch(None).alive()

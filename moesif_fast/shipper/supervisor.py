@@ -173,7 +173,7 @@ class _Sleep:
                  signals: tuple[int, int] | None) -> None:
         self._shipper_fd = exit_fd_of(shipper.pid)  # our child: its pid is not reused before
         # we reap it
-        self._signals = signals
+        self._signal_fd = signals[0] if signals is not None else -1
         self._parent_fd = parent.exit_fd
         self._poll: select.poll | None = None
         if self._shipper_fd is not None and signals is not None \
@@ -184,11 +184,11 @@ class _Sleep:
                     self._poll.register(fd, select.POLLIN)
 
     def __call__(self) -> None:
-        if self._poll is None or self._signals is None:
+        if self._poll is None:
             time.sleep(POLL)
             return
         for fd, _ in self._poll.poll(CHECK_INTERVAL * 1000):
-            if fd == self._signals[0]:
+            if fd == self._signal_fd:
                 with contextlib.suppress(BlockingIOError):
                     os.read(fd, 512)  # drained: the signal handler itself sets the flags
             elif fd == self._parent_fd:  # exited: readable from now on; the caller sees it
