@@ -7,7 +7,9 @@ path, the reference): bodies that need gunzip or body masks, JSON bodies it cann
 accepts, strings with lone surrogates, integers past 64 bits, floats orjson formats otherwise
 than repr, values nested deeper than MAX_DEPTH, types other than None, bool, int, float, str,
 dict (str keys), list and tuple, and a call of any unexpected shape. It trusts no length and no
-type in the call: every one is checked before use.
+type in the call: every one is checked before use. `Encoder.encode_into` writes the same text
+straight into the piece of a batch that event.py's BatchWriter fills, with no bytes object of
+its own.
 
 What depends on header text that repeats (header names from META keys, the user id of a token,
 the address in a client-IP header) is read from the builder's own memos; on a miss it calls the
@@ -1288,20 +1290,65 @@ static int encode_call(Encoder *self, PyObject *call, Parts *parts, Buffer *buff
 #undef FIELD
 }
 
-static PyObject *Encoder_encode(Encoder *self, PyObject *call)
+/* The event of `call` into `buffer`: OK, DECLINE or ERROR. */
+static int encode_to_buffer(Encoder *self, PyObject *call, Buffer *buffer)
 {
     if (self->new_transaction_id == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Encoder was not initialised");
+        return ERROR;
+    }
+    Parts parts;
+    parts_init(&parts);
+    int status = encode_call(self, call, &parts, buffer);
+    parts_clear(&parts);
+    return status;
+}
+
+static PyObject *Encoder_encode(Encoder *self, PyObject *call)
+{
+    Buffer buffer;
+    buffer_init(&buffer);
+    int status = encode_to_buffer(self, call, &buffer);
+    PyObject *result = status == OK ? PyBytes_FromStringAndSize(buffer.data, buffer.length)
+                       : status == DECLINE ? Py_NewRef(Py_None) : NULL;
+    buffer_free(&buffer);
+    return result;
+}
+
+/* encode_into(call, piece, offset, prefix): the byte `prefix` then the event's text written
+   into the bytearray `piece` at `offset`, answering the offset after them; the text as bytes
+   when they do not fit there (nothing is written); None for a call left to the Python path.
+   `piece` is never resized. */
+static PyObject *Encoder_encode_into(Encoder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyByteArray_CheckExact(args[1]) || !PyLong_CheckExact(args[2])
+            || !PyLong_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "encode_into(call, piece: bytearray, offset: int, prefix: int)");
+        return NULL;
+    }
+    PyObject *piece = args[1];
+    Py_ssize_t offset = PyLong_AsSsize_t(args[2]);
+    long prefix = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (offset < 0 || offset > PyByteArray_GET_SIZE(piece) || prefix < 0 || prefix > 255) {
+        PyErr_SetString(PyExc_ValueError, "offset outside the piece, or prefix not a byte");
         return NULL;
     }
     Buffer buffer;
-    Parts parts;
-    parts_init(&parts);
     buffer_init(&buffer);
-    int status = encode_call(self, call, &parts, &buffer);
-    parts_clear(&parts);
-    PyObject *result = status == OK ? PyBytes_FromStringAndSize(buffer.data, buffer.length)
-                       : status == DECLINE ? Py_NewRef(Py_None) : NULL;
+    int status = encode_to_buffer(self, args[0], &buffer);
+    PyObject *result;
+    if (status == OK && buffer.length < PyByteArray_GET_SIZE(piece) - offset) {
+        char *at = PyByteArray_AS_STRING(piece) + offset;
+        at[0] = (char)prefix;
+        memcpy(at + 1, buffer.data, (size_t)buffer.length);
+        result = PyLong_FromSsize_t(offset + 1 + buffer.length);
+    } else {
+        result = status == OK ? PyBytes_FromStringAndSize(buffer.data, buffer.length)
+                 : status == DECLINE ? Py_NewRef(Py_None) : NULL;
+    }
     buffer_free(&buffer);
     return result;
 }
@@ -1452,6 +1499,10 @@ static void Encoder_dealloc(Encoder *self)
 static PyMethodDef Encoder_methods[] = {
     {"encode", (PyCFunction)Encoder_encode, METH_O,
      "encode(call) -> bytes | None: EventBuilder.encode(call), or None to use the Python path."},
+    {"encode_into", (PyCFunction)(void (*)(void))Encoder_encode_into, METH_FASTCALL,
+     "encode_into(call, piece, offset, prefix) -> int | bytes | None: `prefix` and encode(call)\n"
+     "written into the bytearray `piece` at `offset`, giving the offset after them; the text\n"
+     "when it does not fit there; None to use the Python path."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -5,6 +5,7 @@ record decoding in front of it (`moesif_fast.record.decode`) is tested in test_r
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import decimal
 import gzip
@@ -19,9 +20,9 @@ from hypothesis import strategies as st
 
 from moesif_fast.event import (
     PIECE_BYTES,
+    BatchWriter,
     EventBuilder,
     EventDropped,
-    batch_pieces,
     json_safe,
     serialize_batch,
 )
@@ -699,18 +700,59 @@ def test_serialize_batch_is_the_json_array_of_its_events() -> None:
     assert events == [b'{"a":1}', b'{"b":[2]}', b'{}', b'{"c":"d"}']  # left as they were
 
 
-@pytest.mark.parametrize("sizes", [[], [10], [PIECE_BYTES * 3], [100] * 5_000,
-                                   [PIECE_BYTES // 3 + 1] * 7, [5, PIECE_BYTES * 2, 5, 5] * 3])
-def test_batch_pieces_are_the_array_in_pieces_of_about_piece_bytes(sizes: list[int]) -> None:
-    """What the loop gzips piece by piece: the same bytes as the whole array, and no piece of
-    events much longer than PIECE_BYTES unless one event is (the memory it spares)."""
-    events = [b'"' + bytes([97 + number % 26]) * (size - 2) + b'"' for number, size in
-              enumerate(sizes)]
-    pieces = list(batch_pieces(events))
-    assert b"".join(pieces) == b"[" + b",".join(events) + b"]"
-    assert json.loads(b"".join(pieces)) == [event[1:-1].decode() for event in events]
-    average = sum(sizes) // max(1, len(sizes))
-    assert all(len(piece) <= 2 * PIECE_BYTES + 2 * average for piece in pieces)
+def written_batch(writer: BatchWriter, calls: list[CapturedCall]) -> tuple[list[bytes], int]:
+    """The pieces `writer` hands over for `calls` (copied: their memory is reused), and its
+    count of events."""
+    pieces: list[bytes] = []
+    writer.start(lambda piece: pieces.append(bytes(piece)))
+    for call in calls:
+        with contextlib.suppress(EventDropped):
+            writer.add(call)
+    writer.finish()
+    return pieces, writer.count
+
+
+BODY_SIZES = [[], [10], [PIECE_BYTES * 3], [100] * 3_000, [PIECE_BYTES // 3] * 7,
+              [5, PIECE_BYTES * 2, 5, 5] * 3, [PIECE_BYTES - 700, PIECE_BYTES - 600] * 3]
+
+
+@pytest.mark.parametrize("sizes", BODY_SIZES)
+@pytest.mark.parametrize("masks", [{}, {"REQUEST_BODY_MASKS": ["x"]}])
+def test_batch_writer_hands_over_the_array_in_pieces_of_at_most_piece_bytes(
+        sizes: list[int], masks: dict[str, Any]) -> None:
+    """What the loop gzips: the same bytes as the events encoded one by one, joined, in pieces
+    no longer than PIECE_BYTES but for an event longer than that, handed over whole. With body
+    masks the events take the Python path, which the writer copies into its piece."""
+    builder = EventBuilder(MoesifOptions(**masks))
+    calls = [make_call(transaction_id=f"tx-{number}", response_body=b"r" * size,
+                       request_body=json.dumps({"x": number}).encode())
+             for number, size in enumerate(sizes)]
+    events = [builder.encode(call) for call in calls]
+
+    pieces, count = written_batch(BatchWriter(builder), calls)
+
+    assert b"".join(pieces) == serialize_batch(events)
+    assert count == len(calls)
+    assert [len(piece) for piece in pieces if len(piece) > PIECE_BYTES] == [
+        len(event) + 1 for event in events if len(event) + 1 > PIECE_BYTES]
+    assert len(pieces) <= 2 + sum(map(len, events)) // (PIECE_BYTES // 2)  # no tiny pieces
+
+
+def test_batch_writer_leaves_out_dropped_events_and_is_reused() -> None:
+    """A call whose event is dropped (EventDropped) writes nothing: not even its comma; the
+    next batch of the same writer starts afresh."""
+    builder = EventBuilder(MoesifOptions())
+    good = [make_call(transaction_id=f"tx-{number}") for number in range(3)]
+    dropped = make_call(direction="Sideways")
+    writer = BatchWriter(builder)
+
+    pieces, count = written_batch(writer, [dropped, good[0], dropped, good[1], good[2], dropped])
+    assert (b"".join(pieces), count) == (serialize_batch([builder.encode(call) for call in good]),
+                                         3)
+    pieces, count = written_batch(writer, [good[2]])
+    assert (b"".join(pieces), count) == (serialize_batch([builder.encode(good[2])]), 1)
+    assert written_batch(writer, [dropped]) == ([b"[]"], 0)
+    assert written_batch(writer, []) == ([b"[]"], 0)
 
 
 def strict_loads(data: bytes) -> Any:

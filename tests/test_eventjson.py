@@ -63,7 +63,7 @@ class Builders:
     def __init__(self, options: MoesifOptions) -> None:
         self.fast = EventBuilder(options)
         self.pure = EventBuilder(options)
-        self.pure._compiled_encode = None
+        self.pure._compiled_encode = self.pure._compiled_encode_into = None
 
     def compiled(self, call: CapturedCall) -> bytes | None:
         assert self.fast._compiled_encode is not None
@@ -85,7 +85,21 @@ def same_as_python(builders: Builders, call: CapturedCall) -> bytes | None:
         if text is not None:
             assert text == expected
             assert builders.fast.encode(call) == text
+            assert written_into_a_piece(builders.fast, call, len(text)) == text
     return text
+
+
+def written_into_a_piece(builder: EventBuilder, call: CapturedCall, length: int) -> bytes:
+    """The text `encode_into` writes for `call` (`length` bytes) after a prefix at offset 3 of
+    a piece with just room for it, checking that nothing else of the piece changes, and that
+    where it is one byte short the text comes back as bytes and nothing is written."""
+    short = bytearray(b"abc" + b"." * length)
+    assert builder._compiled_encode_into(call, short, 3, ord(",")) == builder.encode(call)
+    assert short == b"abc" + b"." * length
+    piece = bytearray(b"abc" + b"." * (length + 1))
+    assert builder._compiled_encode_into(call, piece, 3, ord(",")) == len(piece)
+    assert piece[:4] == b"abc,"
+    return bytes(piece[4:])
 
 
 # --- the common calls are handled, byte for byte ----------------------------------------------
@@ -237,6 +251,30 @@ def test_encode_sends_the_compiled_text_and_falls_back_on_none() -> None:
     assert builders.fast.encode(call) == b"compiled"
     builders.fast._compiled_encode = lambda call: None
     assert builders.fast.encode(call) == builders.pure.encode(call)
+
+
+@compiled_only
+def test_encode_into_falls_back_on_none_and_checks_its_piece() -> None:
+    call = make_call(request_body=b"text")
+    builders = Builders(MoesifOptions())
+    piece = bytearray(b"." * 10_000)
+    builders.fast._compiled_encode_into = lambda *arguments: 7
+    assert builders.fast.encode_into(call, piece, 0, ord("[")) == 7
+    builders.fast._compiled_encode_into = lambda *arguments: None
+    assert builders.fast.encode_into(call, piece, 0, ord("[")) == builders.pure.encode(call)
+    assert piece == b"." * 10_000
+    encode_into = Builders(MoesifOptions()).fast._compiled_encode_into
+    assert encode_into(make_call(metadata={b"bytes key": 1}), piece, 0, 0) is None
+    for arguments, error in [((bytes(piece), 0, 0), TypeError), ((piece, 0.0, 0), TypeError),
+                             ((piece, -1, 0), ValueError), ((piece, 10_001, 0), ValueError),
+                             ((piece, 0, 256), ValueError), ((piece, 0, -1), ValueError),
+                             ((piece, 2**70, 0), OverflowError)]:
+        with pytest.raises(error):
+            encode_into(call, *arguments)
+    with pytest.raises(TypeError):
+        encode_into(call, piece, 0)
+    assert piece == b"." * 10_000
+    assert encode_into(call, piece, 10_000, 0) == builders.pure.encode(call)  # no room at all
 
 
 @compiled_only

@@ -42,7 +42,7 @@ from typing import Any
 
 from .. import private
 from ..entities import entity_requests
-from ..event import EventBuilder, EventDropped, batch_pieces
+from ..event import BatchWriter, EventBuilder, EventDropped
 from ..record import EntityUpdate, decode
 from ..ringbuffer import Reader, RingFile
 from ..ringfile import policy_snapshot_path, shipper_stats_path
@@ -52,7 +52,7 @@ from .drops import DropReport
 from .intake import MAX_BATCH_BYTES, Handoff, RingIntake
 from .priority import CatchUp, drive, lower_this_thread
 from .refresh import PolicyRefresher
-from .transport import CollectorTransport, Outcome, Stop, gzip_compress
+from .transport import CollectorTransport, GzipStream, Outcome, Stop
 
 logger = logging.getLogger("moesif_fast.shipper")
 
@@ -134,6 +134,7 @@ class Shipper:
         self.options = options
         self.transport = transport
         self.builder = EventBuilder(options)
+        self._batch = BatchWriter(self.builder)
         self.settings_tag = options.settings_tag
         self.counters = ShipperCounters(pid=os.getpid(), started_ns=time.time_ns())
         self.refresher = PolicyRefresher(transport, policy_snapshot_path(ring.path))
@@ -267,13 +268,15 @@ class Shipper:
         else:
             records, places = self._unpoisoned(work)
             cancel = Stop()
+        gzip = GzipStream()
         try:
-            events, updates = self._decode(records, places)
+            updates = self._decode(records, places, gzip.write)
         except SettingsChanged as change:
             self.restart_for = change.tag  # nothing of this batch is sent nor committed
             return
-        requests = [Request(work, EVENTS_PATH, gzip_compress(batch_pieces(events)),
-                            len(events), True, cancel)] if events else []
+        events = self._batch.count
+        requests = [Request(work, EVENTS_PATH, gzip.finish(), events, True, cancel)] \
+            if events else []
         requests += [Request(work, path, body, count, False, cancel)
                      for path, body, count in entity_requests(updates)]
         if not requests:
@@ -300,13 +303,15 @@ class Shipper:
                 places.append((lane, sequence))
         return records, places
 
-    def _decode(self, payloads: list[bytes], places: Iterable[tuple[int, int]]
-                ) -> tuple[list[bytes], list[EntityUpdate]]:
-        """Events (JSON text) and profile updates from records. Each record is named by its
-        place (ring lane and position, or the reader's outside lane and spool sequence) in the
-        ring's header while it is decoded and built, so that one that kills two processes in
-        a row is skipped by the next one."""
-        events: list[bytes] = []
+    def _decode(self, payloads: list[bytes], places: Iterable[tuple[int, int]],
+                write_events: Callable[[bytes | memoryview], object]) -> list[EntityUpdate]:
+        """Write the events of the records, as one batch, to `write_events` (`self._batch`
+        counts them), and answer their profile updates. Each record is named by its place
+        (ring lane and position, or the reader's outside lane and spool sequence) in the ring's
+        header while it is decoded and built, so that one that kills two processes in a row is
+        skipped by the next one."""
+        batch = self._batch
+        batch.start(write_events)
         updates: list[EntityUpdate] = []
         mark = self.reader.mark
         for payload, place in zip(payloads, places, strict=True):
@@ -320,7 +325,7 @@ class Shipper:
                 if record.settings_tag != self.settings_tag and record.settings_tag:
                     self._check_settings(record.settings_tag)
                 try:
-                    events.append(self.builder.encode(record))
+                    batch.add(record)
                 except EventDropped:
                     self.counters.masked_out += 1
                 except Exception:
@@ -328,7 +333,9 @@ class Shipper:
                     logger.warning("moesif_fast shipper: could not build an event; it is "
                                    "dropped", exc_info=True)
         self.reader.clear_mark()
-        return events, updates
+        if batch.count:
+            batch.finish()
+        return updates
 
     def _check_settings(self, tag: int) -> None:
         """A record of settings tag `tag`, not this shipper's: raise SettingsChanged unless

@@ -23,10 +23,10 @@ Connections (as they were with requests):
   bundle (the bundle requests uses).
 - Every request carries X-Moesif-Application-Id, User-Agent and Accept-Encoding (what urllib3
   can decode: gzip, deflate...); a POST adds Content-Type, and Content-Encoding when gzipped.
-- Batches of events are gzipped by the shipper's loop with `gzip_compress` (ISA-L, `isal`, when
-  installed, else zlib, both at level 1; standard gzip either way), piece by piece, so that the
-  batch is never held whole uncompressed; `post(..., gzipped=True)` sends them with
-  Content-Encoding: gzip, and a retry resends the same bytes.
+- Batches of events are gzipped by the shipper's loop in a `GzipStream` (ISA-L, `isal`, when
+  installed, else zlib, both at level 1; standard gzip either way), piece by piece as they are
+  written, so that the batch is never held whole uncompressed; `post(..., gzipped=True)` sends
+  them with Content-Encoding: gzip, and a retry resends the same bytes.
 - `outgoing.py` captures calls made through `requests` only, so these are never captured.
 
 Retry policy of `post` and `get_json`:
@@ -63,7 +63,6 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -112,24 +111,35 @@ _RETRY_AFTER_PARSER = Retry(0)  # used only for its Retry-After parsing
 _NO_RETRIES = Retry(False, redirect=False)  # what urllib3 makes of retries=False, made once
 
 
-def gzip_zlib(pieces: Iterable[bytes]) -> bytes:
-    """The concatenation of `pieces` as gzip, by zlib at level 1 (mtime 0: the same bytes for
-    the same data)."""
-    return _gzip(zlib.compressobj(1, zlib.DEFLATED, GZIP_WBITS), pieces)
+class GzipStream:
+    """One gzip member (mtime 0: the same bytes for the same data), written piece by piece.
+    `compressor`: a level-1 compression object, `new_zlib_compressor()` or
+    `new_isal_compressor()`; by default ISA-L's where `isal` is installed."""
+
+    def __init__(self, compressor: Any = None) -> None:
+        self._compressor = compressor or new_compressor()
+        self._parts: list[bytes] = []
+
+    def write(self, piece: bytes | memoryview) -> None:
+        """Compress `piece` (read now: its memory may be reused once this returns)."""
+        self._parts.append(self._compressor.compress(piece))
+
+    def finish(self) -> bytes:
+        """The gzip bytes of everything written."""
+        self._parts.append(self._compressor.flush())
+        return b"".join(self._parts)
 
 
-def gzip_isal(pieces: Iterable[bytes]) -> bytes:
-    """The same by ISA-L at level 1; needs `isal`."""
-    return _gzip(isal_zlib.compressobj(1, isal_zlib.DEFLATED, GZIP_WBITS), pieces)
+def new_zlib_compressor() -> Any:
+    return zlib.compressobj(1, zlib.DEFLATED, GZIP_WBITS)
 
 
-def _gzip(compressor: Any, pieces: Iterable[bytes]) -> bytes:
-    parts = [compressor.compress(piece) for piece in pieces]
-    parts.append(compressor.flush())
-    return b"".join(parts)
+def new_isal_compressor() -> Any:
+    """Needs `isal`."""
+    return isal_zlib.compressobj(1, isal_zlib.DEFLATED, GZIP_WBITS)
 
 
-gzip_compress = gzip_zlib if isal_zlib is None else gzip_isal
+new_compressor = new_zlib_compressor if isal_zlib is None else new_isal_compressor
 
 
 @dataclass(frozen=True)
@@ -239,7 +249,7 @@ class CollectorTransport:
         stop: Stop,
     ) -> Outcome:
         """POST serialized JSON `payload` to `path` ("/v1/events/batch"); `gzipped`: it is
-        gzip (`gzip_compress`), sent with Content-Encoding: gzip.
+        gzip (`GzipStream`), sent with Content-Encoding: gzip.
 
         Retries by the module's policy until the payload is delivered or refused for good, the
         next wait would pass `give_up_at` (a `time.monotonic()` deadline; None: no deadline), or
