@@ -13,8 +13,14 @@ from collections.abc import Iterator
 import pytest
 
 from moesif_fast.ringbuffer import Geometry, Producer, Reader, RingFile
-from moesif_fast.shipper import intake as intake_module
-from moesif_fast.shipper.intake import POLL, POLL_MAX, UNREAD_TARGET, RingIntake
+from moesif_fast.shipper.intake import (
+    BURST_RATE,
+    LINGER,
+    POLL,
+    POLL_MAX,
+    UNREAD_TARGET,
+    RingIntake,
+)
 
 LANE_BYTES = 1 << 20
 RECORD = b"r" * 1000  # 1,024 bytes in the lane with its header
@@ -59,6 +65,27 @@ def test_a_quiet_ring_is_read_every_poll_max_and_a_filling_one_more_often(ring: 
         reader.close()
 
 
+@pytest.mark.parametrize(("lane_bytes", "longest_wait"), [
+    (1 << 20, POLL_MAX), (2 << 20, POLL_MAX), (4 << 20, (4 << 20) / BURST_RATE),
+    (8 << 20, LINGER), (64 << 20, LINGER)])
+def test_the_longest_wait_lets_a_worker_append_burst_rate_to_a_quiet_lane(
+        lane_bytes: int, longest_wait: float) -> None:
+    """From lanes of 2 MiB up (the default ring's lanes for up to 8 workers), a quiet ring is
+    read as seldom as a lane filling at BURST_RATE allows, but never more than LINGER apart."""
+    with tempfile.TemporaryDirectory() as directory:
+        ring = RingFile.create(os.path.join(directory, "intake.ring"),
+                               Geometry(2, lane_bytes, 1_000_000))
+        reader = Reader(ring)
+        try:
+            intake = RingIntake(reader, None, batch_size=100)
+            assert intake.longest_wait == pytest.approx(longest_wait)
+            intake.run_pass()
+            assert intake._wait == intake.longest_wait
+        finally:
+            reader.close()
+            ring.close()
+
+
 def test_each_batch_handed_over_wakes_the_loop(ring: RingFile) -> None:
     reader = Reader(ring)
     wakes = []
@@ -76,14 +103,13 @@ def test_each_batch_handed_over_wakes_the_loop(ring: RingFile) -> None:
         reader.close()
 
 
-def test_finish_wakes_a_waiting_ring_stage_at_once(ring: RingFile,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_finish_wakes_a_waiting_ring_stage_at_once(ring: RingFile) -> None:
     """A shipper asked to finish must not wait out the ring stage's pause: with the pause made
     an hour long, the open batch is still handed over right after `finish()`."""
-    monkeypatch.setattr(intake_module, "POLL_MAX", 3600.0)
     handed = threading.Event()
     reader = Reader(ring)
     intake = RingIntake(reader, None, batch_size=100, on_handoff=handed.set)
+    intake.longest_wait = 3600.0
     producer = Producer(ring)
     intake.start()
     try:
