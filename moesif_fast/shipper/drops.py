@@ -29,48 +29,47 @@ COLLECTOR_FAILURES = "attempts to reach the collector failed (retried; the event
 class DropReport:
     """Logs what each counter gained since it was last logged (see the module docstring)."""
 
-    def __init__(self, reasons: dict[str, Callable[[], int]]) -> None:
-        self.reasons = reasons  # reason, as logged → its current total
-        self._logged = {reason: total() for reason, total in reasons.items()}
-        self._next = dict.fromkeys(reasons, 0.0)
+    def __init__(self, totals: Callable[[], dict[str, int]]) -> None:
+        self.totals = totals  # → {reason, as logged: its current total}, read once per report
+        self._logged = totals()
+        self._next = dict.fromkeys(self._logged, 0.0)
 
     @classmethod
     def for_shipper(cls, ring: RingFile, spool: Spool | None, counters: Any,
                     transport: CollectorTransport) -> DropReport:
-        """The reasons of a shipper: its ring, spool, counters and transport."""
+        """The reasons of a shipper: its ring, spool, counters and transport, each read once
+        per report (a ring snapshot reads every lane)."""
 
-        def ring_total(field: str) -> Callable[[], int]:
-            return lambda: sum(getattr(lane, field) for lane in ring.stats().lanes)
+        def totals() -> dict[str, int]:
+            lanes = ring.stats().lanes
+            result = {
+                "events dropped by workers: the ring was full":
+                    sum(lane.dropped_full for lane in lanes),
+                "events dropped by workers: larger than the ring takes":
+                    sum(lane.dropped_oversize for lane in lanes),
+                "events dropped by workers: the shared overflow lane stayed busy":
+                    sum(lane.dropped_busy for lane in lanes),
+                "events dropped by MASK_EVENT_MODEL": counters.masked_out,
+                COLLECTOR_FAILURES: transport.failed_attempts,
+            }
+            if spool is not None:
+                held = spool.stats()
+                result.update({
+                    "events dropped: the spool was full": held.dropped_full,
+                    "damaged spool records skipped": held.dropped_corrupt,
+                    "events the spool could not write (kept in the ring)": held.write_errors,
+                })
+            return result
 
-        def counter(name: str) -> Callable[[], int]:
-            return lambda: getattr(counters, name)
-
-        reasons: dict[str, Callable[[], int]] = {
-            "events dropped by workers: the ring was full": ring_total("dropped_full"),
-            "events dropped by workers: larger than the ring takes": ring_total(
-                "dropped_oversize"),
-            "events dropped by workers: the shared overflow lane stayed busy": ring_total(
-                "dropped_busy"),
-            "events dropped by MASK_EVENT_MODEL": counter("masked_out"),
-            COLLECTOR_FAILURES: lambda: transport.failed_attempts,
-        }
-        if spool is not None:
-            reasons.update({
-                "events dropped: the spool was full": lambda: spool.stats().dropped_full,
-                "damaged spool records skipped": lambda: spool.stats().dropped_corrupt,
-                "events the spool could not write (kept in the ring)":
-                    lambda: spool.stats().write_errors,
-            })
-        return cls(reasons)
+        return cls(totals)
 
     def report(self, last_failure: str | None = None) -> None:
         """Log each reason whose count grew, unless it was logged less than REPORT_INTERVAL
         ago; `last_failure` (the collector's latest) goes with the collector's."""
         now = time.monotonic()
-        for reason, total in self.reasons.items():
+        for reason, current in self.totals().items():
             if now < self._next[reason]:
                 continue
-            current = total()
             grown = current - self._logged[reason]
             if grown <= 0:
                 continue

@@ -516,9 +516,10 @@ class Shipper:
             self._failures_seen = self.transport.failed_attempts
             self.counters.last_error = failure
         self.drops.report(failure)
+        # vars, not asdict: asdict's deep copies were half the cost of publishing
+        published = json.dumps(vars(self.counters)).encode()
         try:
-            private.replace_file(shipper_stats_path(self.ring.path),
-                                 json.dumps(asdict(self.counters)).encode())
+            private.replace_file(shipper_stats_path(self.ring.path), published)
         except OSError as error:  # e.g. a folder planted at the name: stats go unpublished
             self.counters.last_error = f"cannot publish the counters: {error}"
             if now >= self._next_stats_error_log:
