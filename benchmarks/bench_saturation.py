@@ -10,8 +10,8 @@ them, are not the steady state a server spends its life in), then for the timed 
 stops it with SIGTERM. A shared machine drifts by tens of percent over a minute, so each
 capture round is compared with the rounds without capture beside it (its paired ratio); the
 report has every round, the paired ratios and their median, and the ratio of the totals. The
-capture servers share one ring and spool folder (RING_DIR and SPOOL_DIR): what one leaves in the
-spool, the next delivers.
+capture servers share one ring folder, on tmpfs where rings live by default (RING_DIR), and one
+spool folder on disk (SPOOL_DIR): what one leaves in the spool, the next delivers.
 
 For each capture round the report has: requests answered and requests/s, the events the
 collector holds when the load stops, the shipper's spool counters and the ring's drops (`python
@@ -54,6 +54,7 @@ from paired import paired_ratios
 
 from moesif_fast.collector import read_events, read_stats
 from moesif_fast.demo.run import start_gunicorn, stop
+from moesif_fast.settings import MoesifOptions
 
 SATURATION_S = float(os.environ.get("MOESIF_BENCH_SATURATION_S", "10"))  # one round
 ROUNDS = int(os.environ.get("MOESIF_BENCH_SATURATION_ROUNDS", "3"))  # of each kind
@@ -172,10 +173,12 @@ def test_saturation_then_sigterm(benchmark, niced_collector: tuple[str, str, psu
         print(line, flush=True)
         lines.append(line)
 
-    with tempfile.TemporaryDirectory(prefix="bench-saturation-") as directory:
-        ring_dir = os.path.join(directory, "capture")
-        os.mkdir(ring_dir, 0o700)
-        options: dict[str, object] = {"RING_DIR": ring_dir, "SPOOL_DIR": ring_dir}
+    with tempfile.TemporaryDirectory(prefix="bench-saturation-") as directory, \
+            tempfile.TemporaryDirectory(prefix="bench-saturation-ring-",
+                                        dir=MoesifOptions().ring_dir) as ring_dir:
+        spool_dir = os.path.join(directory, "capture")
+        os.mkdir(spool_dir, 0o700)
+        options: dict[str, object] = {"RING_DIR": ring_dir, "SPOOL_DIR": spool_dir}
         without: list[dict[str, Any]] = []
         with_capture: list[dict[str, Any]] = []
         answered: list[str] = []
@@ -204,7 +207,7 @@ def test_saturation_then_sigterm(benchmark, niced_collector: tuple[str, str, psu
                 f"failed) in {elapsed:.1f} s, {len(ids) / elapsed:,.0f} requests/s")
 
         def capture_round(number: int) -> None:
-            server, url = start_gunicorn(ring_dir, collector_url, workers=WORKERS,
+            server, url = start_gunicorn(spool_dir, collector_url, workers=WORKERS,
                                          options=options)
             try:
                 warmup_ids, _, _ = saturate(url, clients, f"cw{number}-", WARMUP_S)
@@ -265,7 +268,7 @@ def test_saturation_then_sigterm(benchmark, niced_collector: tuple[str, str, psu
         final_reports: list[dict[str, Any]] = []
         if restart["needed"]:
             started = time.monotonic()
-            server, _ = start_gunicorn(ring_dir, collector_url, workers=WORKERS,
+            server, _ = start_gunicorn(spool_dir, collector_url, workers=WORKERS,
                                        options=options)
             try:
                 while not all_arrived(db_path, answered):
