@@ -11,6 +11,7 @@ import pytest
 from moesif_fast import ringfile
 from moesif_fast.demo.run import start_collector, stop
 from moesif_fast.ringbuffer import Geometry, Reader, RingFile
+from moesif_fast.settings import MoesifOptions
 
 _SUMMARY = pytest.StashKey[list[str]]()
 COLLECTOR_NICE = 19
@@ -40,8 +41,9 @@ def collector_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def ring_reader() -> Iterator[Reader]:
     """A ring this process's captures append to (as under the gunicorn hooks), and its reader;
-    the benchmarks drain it outside the timed region."""
-    with tempfile.TemporaryDirectory() as directory:
+    the benchmarks drain it outside the timed region. On tmpfs, where rings live by default:
+    a ring file on a disk file system is written back by the kernel and write-faulted again."""
+    with tempfile.TemporaryDirectory(dir=MoesifOptions().ring_dir) as directory:
         ring = RingFile.create(os.path.join(directory, "bench.ring"),
                                Geometry.for_size(16 << 20, 4, 1_000_000))
         os.environ[ringfile.RING_ENV] = ring.path
