@@ -25,7 +25,7 @@ ring's `Reader`; nothing else reads or commits the ring while it runs. Each pass
   LINGER (waiting longer would only delay batches): from a quiet ring, a lane overflows
   before the next pass only if a worker appends more than BURST_RATE (20 MiB/s; from lanes
   below 2 MiB, their capacity in POLL_MAX). With the default ring and 2 workers (8 MiB lanes)
-  that is LINGER: a paced load of 1,650 requests/s is read 5 times a second instead of 10.
+  that is LINGER, where it was POLL_MAX for every ring before.
 
 The loop decodes, builds and sends batches from `next_batch()` and, when there is none, from
 the spool (older records first). Without a spool (SPOOL_BYTES 0, or a folder that cannot be
