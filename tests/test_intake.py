@@ -14,6 +14,7 @@ import pytest
 
 from moesif_fast.ringbuffer import Geometry, Producer, Reader, RingFile
 from moesif_fast.shipper.intake import (
+    BATCHES_PER_PASS,
     BURST_RATE,
     LINGER,
     POLL,
@@ -84,6 +85,30 @@ def test_the_longest_wait_lets_a_worker_append_burst_rate_to_a_quiet_lane(
         finally:
             reader.close()
             ring.close()
+
+
+def test_small_batches_shorten_the_wait_to_about_batches_per_pass_at_the_last_rate(
+        ring: RingFile) -> None:
+    """The bytes appended would allow the longest wait, but the next pass would then close
+    far more than BATCHES_PER_PASS batches of 10 at once, all unsettled together."""
+    reader = Reader(ring)
+    intake = RingIntake(reader, None, batch_size=10)
+    producer = Producer(ring)
+    try:
+        intake.run_pass()
+        assert intake._wait == intake.longest_wait
+        for _ in range(100):  # 3 KiB: far below UNREAD_TARGET of a lane
+            assert producer.append(b"r" * 10)
+        intake.run_pass()
+        assert intake._wait == pytest.approx(intake.longest_wait * BATCHES_PER_PASS * 10 / 100)
+        for _ in range(BATCHES_PER_PASS * 10):  # the target's rate: the wait stays
+            assert producer.append(b"r" * 10)
+        before = intake._wait
+        intake.run_pass()
+        assert intake._wait == pytest.approx(before)
+    finally:
+        producer.close()
+        reader.close()
 
 
 def test_each_batch_handed_over_wakes_the_loop(ring: RingFile) -> None:

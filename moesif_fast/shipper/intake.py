@@ -25,7 +25,12 @@ ring's `Reader`; nothing else reads or commits the ring while it runs. Each pass
   LINGER (waiting longer would only delay batches): from a quiet ring, a lane overflows
   before the next pass only if a worker appends more than BURST_RATE (20 MiB/s; from lanes
   below 2 MiB, their capacity in POLL_MAX). With the default ring and 2 workers (8 MiB lanes)
-  that is LINGER, where it was POLL_MAX for every ring before.
+  that is LINGER, where it was POLL_MAX for every ring before. The wait is also short enough
+  that a pass closes at most BATCHES_PER_PASS batches at the rate the workers appended during
+  the last one: the batches a pass closes at once all count against HANDOFF_LIMIT until the
+  loop settles them, so small batches read in large passes would be spooled though the loop
+  keeps up (at BATCH_SIZE 25 and 1,650 requests/s, passes 0.25 s apart spooled 45 % of the
+  records).
 
 The loop decodes, builds and sends batches from `next_batch()` and, when there is none, from
 the spool (older records first). Without a spool (SPOOL_BYTES 0, or a folder that cannot be
@@ -56,6 +61,7 @@ UNREAD_TARGET = 1 / 16  # share of a lane the workers should append between two 
 LINGER = 0.25  # seconds a partial batch waits for more records
 MAX_BATCH_BYTES = 8 << 20  # record bytes per batch; Moesif accepts up to 50 MB per request
 HANDOFF_LIMIT = 8  # batches handed to the loop and not settled, beyond which batches are spooled
+BATCHES_PER_PASS = HANDOFF_LIMIT // 2  # the most a pass should close at the workers' last rate
 TAKEOVER_FILL = 0.25  # fill of the fullest lane at which unsettled batches are spooled
 SYNC_INTERVAL = 1.0  # seconds between two syncs of the spool
 WRITE_RETRY = 10.0  # seconds without spooling after the spool could not write (disk full...)
@@ -162,8 +168,8 @@ class RingIntake:
 
     def _run_pass(self) -> None:
         self._apply_commits()
-        self._pace(self.reader.unread())
-        self._read()
+        unread = self.reader.unread()
+        self._pace(unread, self._read())
         if self._spooling() and self._unsettled and self.reader.fill() >= TAKEOVER_FILL:
             self._take_over()
         now = time.monotonic()
@@ -171,13 +177,16 @@ class RingIntake:
             self._next_sync = now + SYNC_INTERVAL
             self.spool.sync()
 
-    def _pace(self, unread: float) -> None:
-        """The wait before the next pass, from `unread`: the share of the fullest lane the
-        workers appended during the last one (see the module docstring)."""
-        if unread <= 0.0:
-            self._wait = self.longest_wait
-        else:
-            self._wait = min(self.longest_wait, max(POLL, self._wait * UNREAD_TARGET / unread))
+    def _pace(self, unread: float, records: int) -> None:
+        """The wait before the next pass, from what the workers appended during the last one:
+        `unread`, the share of the fullest lane, and `records`, what this pass read (see the
+        module docstring)."""
+        wait = self.longest_wait
+        if unread > 0.0:
+            wait = min(wait, self._wait * UNREAD_TARGET / unread)
+        if records:
+            wait = min(wait, self._wait * BATCHES_PER_PASS * self.batch_size / records)
+        self._wait = max(POLL, wait)
 
     def _apply_commits(self) -> None:
         while True:
@@ -188,20 +197,24 @@ class RingIntake:
             self._unsettled.pop(handoff.batch, None)
             self.reader.commit(handoff.batch)  # a no-op for a batch spooled meanwhile
 
-    def _read(self) -> None:
+    def _read(self) -> int:
+        """Read what is there into batches, closing those that are done; answers how many
+        records it read."""
+        read = 0
         while True:
             batch = self._open
             held, held_bytes = (len(batch), batch.nbytes) if batch is not None else (0, 0)
             batch = self.reader.read(self.batch_size - held, MAX_BATCH_BYTES - held_bytes,
                                      into=batch)
             if not batch:
-                return
+                return read
+            read += len(batch) - held
             now = time.monotonic()
             if self._open is None:
                 self._open, self._opened_at = batch, now
             full = len(batch) >= self.batch_size or batch.nbytes >= MAX_BATCH_BYTES
             if not (full or self.finishing or now - self._opened_at >= LINGER):
-                return
+                return read
             self._open = None
             self._close(batch)
 
