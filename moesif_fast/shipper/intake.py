@@ -55,7 +55,7 @@ from .transport import Stop
 logger = logging.getLogger("moesif_fast.shipper")
 
 POLL = 0.02  # seconds between two passes of the ring stage, at the least
-POLL_MAX = 0.1  # and at the most, at least (see the module docstring)
+POLL_MAX = 0.1  # the longest wait for lanes of 2 MiB or less (see the module docstring)
 BURST_RATE = 20 << 20  # bytes a second a worker may append to a quiet lane before the next pass
 UNREAD_TARGET = 1 / 16  # share of a lane the workers should append between two passes
 LINGER = 0.25  # seconds a partial batch waits for more records
