@@ -13,10 +13,15 @@ otherwise gather first (the URI, the request header columns, REMOTE_ADDR, the re
 pairs); None when any of them is not in the plain form it handles (see its docstring): the
 middleware then gathers the fields in Python.
 
+`Capturer(...).capture(...)` is the middleware's `_gather` and `pack_incoming` in one call, for
+options without callbacks: the record's bytes, or the gathered values for the Python path to
+pack (see its docstring and docs/compiled.md).
+
 `transaction_id()` returns a random version-4 UUID string in the middleware's format.
 
 Only exact built-in types are read, so no Python code runs while a value is packed and no
-container can change under the packer. */
+container can change under the packer (the Capturer reads the request and response through
+Python's attribute lookups before it packs). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,6 +29,7 @@ container can change under the packer. */
 #include <string.h>
 #include <pthread.h>
 #include <sys/random.h>
+#include <time.h>
 
 #include "_buffer.h"
 
@@ -553,6 +559,550 @@ static PyObject *transaction_id(PyObject *module, PyObject *unused)
     return text;
 }
 
+
+/* -- the capture after the view ----------------------------------------------------------- */
+
+/* Interned at import: the attributes read, and the names and values written. */
+static PyObject *name_meta, *name_headers, *name_store, *name_method, *name_path, *name_scheme,
+    *name_status_code, *name_content, *name_session, *name_session_key, *name_get,
+    *key_transaction_id, *transaction_header, *verb_head, *empty_text, *name_dict, *name_user,
+    *name_setupfunc, *name_wrapped, *name_cached_user, *name_code, *name_closure,
+    *name_cell_contents, *name_get_user, *name_get_user_session_key, *name_get_user_model,
+    *name_session_key_setting, *name_session_cache, *name_accessed, *name_container;
+
+#define MAX_CLIENT_TRANSACTION_ID 200 /* the middleware's MAX_CLIENT_TRANSACTION_ID */
+#define GATHERED_FIELDS 8 /* the middleware's Gathered */
+
+/* The middleware's _gather and the packing of _record in one call, for the options it is
+   created with (no callbacks, no LOCAL_DEBUG): the fields hold those options and the
+   middleware's values and functions they read. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *settings_tag;
+    int log_body;
+    Py_ssize_t max_body_size;
+    int request_scheme; /* read request.scheme (SECURE_PROXY_SSL_HEADER), not META's */
+    int forwarded_host;
+    int transaction_ids; /* not DISABLE_TRANSACTION_ID */
+    PyObject *response_type; /* django.http.HttpResponse */
+    PyObject *content_property; /* its `content` */
+    PyObject *new_transaction_id; /* the Python ids, where the kernel gives no randomness */
+    PyObject *authenticated_user_id; /* the middleware's _authenticated_user_id(user) */
+    PyObject *lazy_type, *lazy_empty; /* SimpleLazyObject, and its unevaluated marker */
+    PyObject *session_auth; /* the middleware's _known_session_auth() */
+    PyObject *session_kinds; /* its _plain_session_types: {session class: plain} */
+    PyObject *session_check; /* its _session_user_is_anonymous(request): for a new kind */
+    PyObject *known; /* what session_auth() answered (NULL: not asked yet) */
+} Capturer;
+
+/* time.time_ns(). */
+static PyObject *time_ns_now(void)
+{
+    struct timespec now;
+    if (clock_gettime(CLOCK_REALTIME, &now) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLongLong((long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+}
+
+/* getattr(object, name, None), as a new reference. */
+static PyObject *attribute_or_none(PyObject *object, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(object, name);
+    if (value == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        value = Py_NewRef(Py_None);
+    }
+    return value;
+}
+
+/* mapping.get(key), as a new reference. */
+static PyObject *mapping_get(PyObject *mapping, PyObject *key)
+{
+    if (!PyDict_CheckExact(mapping))
+        return PyObject_CallMethodOneArg(mapping, name_get, key);
+    PyObject *value = PyDict_GetItemWithError(mapping, key);
+    if (value == NULL && PyErr_Occurred())
+        return NULL;
+    return Py_NewRef(value ? value : Py_None);
+}
+
+/* Like getattr(object, name, None), but *value stays NULL when the attribute is absent:
+   1 (found), 0 (absent) or -1 (an exception is set). */
+static int lookup_attribute(PyObject *object, PyObject *name, PyObject **value)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyObject_GetOptionalAttr(object, name, value);
+#else
+    return _PyObject_LookupAttr(object, name, value);
+#endif
+}
+
+/* `object.name is expected`: 1, 0 or -1. */
+static int attribute_is(PyObject *object, PyObject *name, PyObject *expected)
+{
+    PyObject *value = PyObject_GetAttr(object, name);
+    if (value == NULL)
+        return -1;
+    Py_DECREF(value);
+    return value == expected;
+}
+
+/* _SessionAuth's fields, by position (middleware.py). */
+enum { KNOWN_MIDDLEWARE, KNOWN_AUTH, KNOWN_LAZY_USER_CODE, KNOWN_MIDDLEWARE_GET_USER,
+       KNOWN_GET_USER, KNOWN_GET_USER_SESSION_KEY, KNOWN_GET_USER_MODEL, KNOWN_SESSION_KEY,
+       KNOWN_SESSION_BASE, KNOWN_FIELDS };
+
+/* The checks of the middleware's _session_user_is_anonymous from its lazy user on, given the
+   request's __dict__ and that lazy user: 1, 0, or -1 with an exception set (any Exception
+   there answers 0 in Python, as the caller does). */
+static int lazy_user_is_anonymous(Capturer *self, PyObject *request, PyObject *instance,
+                                  PyObject *user)
+{
+    PyObject *state = NULL, *setup = NULL, *wrapped = NULL, *cached = NULL, *code = NULL,
+        *closure = NULL, *cell = NULL, *contents = NULL, *session = NULL, *session_state = NULL,
+        *data = NULL, *key = NULL;
+    int result = -1;
+    if ((state = PyObject_GenericGetAttr(user, name_dict)) == NULL
+            || (setup = mapping_get(state, name_setupfunc)) == NULL
+            || (wrapped = mapping_get(state, name_wrapped)) == NULL)
+        goto done;
+    result = 0;
+    if (wrapped != self->lazy_empty)
+        goto done; /* evaluated already */
+    int found = lookup_attribute(request, name_cached_user, &cached);
+    if (found != 0) {
+        result = found < 0 ? -1 : 0;
+        goto done;
+    }
+    if ((found = lookup_attribute(setup, name_code, &code)) <= 0 || code == Py_None) {
+        result = found < 0 ? -1 : 0;
+        goto done; /* not Django's lazy user */
+    }
+    if (self->known == NULL) {
+        self->known = PyObject_CallNoArgs(self->session_auth);
+        if (self->known == NULL) {
+            result = -1;
+            goto done;
+        }
+    }
+    PyObject *known = self->known;
+    if (!PyTuple_Check(known) || PyTuple_GET_SIZE(known) != KNOWN_FIELDS
+            || code != PyTuple_GET_ITEM(known, KNOWN_LAZY_USER_CODE))
+        goto done; /* never taken in this process, or another function's code */
+    result = -1;
+    if ((closure = PyObject_GetAttr(setup, name_closure)) == NULL)
+        goto done;
+    result = 0;
+    if (closure == Py_None)
+        goto done;
+    result = -1;
+    if ((cell = PySequence_GetItem(closure, 0)) == NULL
+            || (contents = PyObject_GetAttr(cell, name_cell_contents)) == NULL)
+        goto done;
+    result = 0;
+    if (contents != request)
+        goto done;
+    PyObject *middleware = PyTuple_GET_ITEM(known, KNOWN_MIDDLEWARE);
+    PyObject *auth = PyTuple_GET_ITEM(known, KNOWN_AUTH);
+    struct {
+        PyObject *module, *name;
+        int field;
+    } functions[] = {
+        {middleware, name_get_user, KNOWN_MIDDLEWARE_GET_USER},
+        {auth, name_get_user, KNOWN_GET_USER},
+        {auth, name_get_user_session_key, KNOWN_GET_USER_SESSION_KEY},
+        {auth, name_get_user_model, KNOWN_GET_USER_MODEL},
+    };
+    for (size_t index = 0; index < sizeof functions / sizeof functions[0]; index++) {
+        result = attribute_is(functions[index].module, functions[index].name,
+                              PyTuple_GET_ITEM(known, functions[index].field));
+        if (result <= 0)
+            goto done; /* replaced since (a mock, a wrapper) */
+    }
+    PyObject *session_key = PyTuple_GET_ITEM(known, KNOWN_SESSION_KEY);
+    if ((key = PyObject_GetAttr(auth, name_session_key_setting)) == NULL
+            || (result = PyObject_RichCompareBool(session_key, key, Py_NE)) != 0) {
+        result = result > 0 ? 0 : -1;
+        goto done;
+    }
+    Py_CLEAR(key);
+    if ((session = mapping_get(instance, name_session)) == NULL) {
+        result = -1;
+        goto done;
+    }
+    PyObject *plain = PyDict_GetItemWithError(self->session_kinds, (PyObject *)Py_TYPE(session));
+    if (plain == NULL) {
+        if (PyErr_Occurred()) {
+            result = -1;
+            goto done;
+        }
+        /* A session class not met yet: the Python check decides, and remembers the class. */
+        PyObject *answer = PyObject_CallOneArg(self->session_check, request);
+        result = answer == NULL ? -1 : PyObject_IsTrue(answer);
+        Py_XDECREF(answer);
+        goto done;
+    }
+    if ((result = PyObject_IsTrue(plain)) <= 0)
+        goto done;
+    result = -1;
+    if ((session_state = PyObject_GetAttr(session, name_dict)) == NULL
+            || (data = mapping_get(session_state, name_session_cache)) == NULL)
+        goto done;
+    if (data == Py_None) {
+        if ((key = PyObject_GetAttr(session, name_session_key)) == NULL)
+            goto done;
+        result = 0;
+        if (key != Py_None)
+            goto done; /* the session would be loaded (a query): it may hold a user */
+    } else {
+        result = 0;
+        if (!PyDict_CheckExact(data))
+            goto done;
+        int holds_user = PyDict_Contains(data, session_key);
+        if (holds_user != 0) {
+            result = holds_user < 0 ? -1 : 0;
+            goto done;
+        }
+    }
+    /* SessionBase._get_session's one lasting effect here */
+    result = PyObject_SetAttr(session, name_accessed, Py_True) < 0 ? -1 : 1;
+done:
+    Py_XDECREF(state);
+    Py_XDECREF(setup);
+    Py_XDECREF(wrapped);
+    Py_XDECREF(cached);
+    Py_XDECREF(code);
+    Py_XDECREF(closure);
+    Py_XDECREF(cell);
+    Py_XDECREF(contents);
+    Py_XDECREF(session);
+    Py_XDECREF(session_state);
+    Py_XDECREF(data);
+    Py_XDECREF(key);
+    return result;
+}
+
+/* An exception that Python's `except Exception` catches is cleared (0); any other is kept
+   (-1). */
+static int clear_exception(void)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyErr_Clear();
+    return 0;
+}
+
+/* The middleware's _user_id for options without IDENTIFY_USER: None when the session's
+   user is certainly anonymous (_session_user_is_anonymous), else _authenticated_user_id of
+   `user` or request.user. */
+static PyObject *user_id_of(Capturer *self, PyObject *request, PyObject *user)
+{
+    PyObject *found = NULL;
+    if (user == Py_None) {
+        PyObject *instance = PyObject_GetAttr(request, name_dict);
+        PyObject *lazy = instance == NULL ? NULL : mapping_get(instance, name_user);
+        int anonymous = lazy == NULL ? -1 : 0;
+        if (lazy != NULL && Py_TYPE(lazy) == (PyTypeObject *)self->lazy_type) {
+            anonymous = lazy_user_is_anonymous(self, request, instance, lazy);
+            if (anonymous < 0)
+                anonymous = clear_exception() < 0 ? -2 : 0;
+        }
+        Py_XDECREF(instance);
+        Py_XDECREF(lazy);
+        if (anonymous == -2 || (anonymous == -1 && clear_exception() < 0))
+            return NULL;
+        if (anonymous != 0)
+            return Py_NewRef(Py_None);
+    } else {
+        int truth = PyObject_IsTrue(user);
+        if (truth < 0)
+            return clear_exception() < 0 ? NULL : Py_NewRef(Py_None);
+        if (truth)
+            found = Py_NewRef(user);
+    }
+    if (found == NULL && lookup_attribute(request, name_user, &found) < 0)
+        return clear_exception() < 0 ? NULL : Py_NewRef(Py_None);
+    if (found == NULL || found == Py_None)
+        return found == NULL ? Py_NewRef(Py_None) : found;
+    PyObject *id = PyObject_CallOneArg(self->authenticated_user_id, found);
+    Py_DECREF(found);
+    return id;
+}
+
+/* The transaction id, set on the response: the client's when it sent a short enough one, else
+   a fresh one written straight into Django's header store (`store`: None when the response
+   has none). */
+static PyObject *capture_transaction_id(Capturer *self, PyObject *response, PyObject *meta,
+                                        PyObject *store)
+{
+    PyObject *id = mapping_get(meta, key_transaction_id);
+    if (id == NULL)
+        return NULL;
+    int sent = PyObject_IsTrue(id);
+    if (sent > 0) {
+        Py_ssize_t length = PyObject_Size(id);
+        sent = length < 0 ? -1 : length <= MAX_CLIENT_TRANSACTION_ID;
+    }
+    if (sent != 0) {
+        if (sent > 0 && PyObject_SetItem(response, transaction_header, id) == 0)
+            return id; /* the client's: Django checks it */
+        Py_DECREF(id);
+        return NULL;
+    }
+    Py_DECREF(id);
+    id = transaction_id(NULL, NULL);
+    if (id == Py_None) {
+        Py_DECREF(id);
+        id = PyObject_CallNoArgs(self->new_transaction_id);
+    }
+    if (id == NULL)
+        return NULL;
+    int status;
+    if (PyDict_CheckExact(store)) {
+        PyObject *pair = PyTuple_Pack(2, transaction_header, id);
+        status = pair == NULL ? -1 : PyDict_SetItem(store, transaction_header, pair);
+        Py_XDECREF(pair);
+    } else {
+        status = PyObject_SetItem(response, transaction_header, id);
+    }
+    if (status < 0)
+        Py_CLEAR(id);
+    return id;
+}
+
+/* The response body as the record takes it: None, the content, or its size when larger than
+   MAX_BODY_SIZE. */
+static PyObject *response_body_of(Capturer *self, PyObject *response, PyObject *method)
+{
+    if (!self->log_body)
+        return Py_NewRef(Py_None);
+    int wanted = PyObject_IsInstance(response, self->response_type);
+    if (wanted > 0)
+        wanted = PyObject_RichCompareBool(method, verb_head, Py_NE); /* none on the wire */
+    if (wanted <= 0)
+        return wanted < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *content = NULL;
+    if (_PyType_Lookup(Py_TYPE(response), name_content) == self->content_property) {
+        /* HttpResponse's own `content`: b"".join(self._container), which for one piece of
+           bytes is that piece */
+        PyObject *container;
+        if (lookup_attribute(response, name_container, &container) < 0)
+            return NULL;
+        if (container != NULL && PyList_CheckExact(container) && PyList_GET_SIZE(container) == 1
+                && PyBytes_CheckExact(PyList_GET_ITEM(container, 0)))
+            content = Py_NewRef(PyList_GET_ITEM(container, 0));
+        Py_XDECREF(container);
+    }
+    if (content == NULL && (content = PyObject_GetAttr(response, name_content)) == NULL)
+        return NULL;
+    int present = PyObject_IsTrue(content);
+    Py_ssize_t size = present > 0 ? PyObject_Size(content) : 0;
+    if (present <= 0 || size < 0) {
+        Py_DECREF(content);
+        return present == 0 ? Py_NewRef(Py_None) : NULL;
+    }
+    if (size <= self->max_body_size)
+        return content;
+    Py_DECREF(content);
+    return PyLong_FromSsize_t(size);
+}
+
+/* request.session.session_key, or None without a session. */
+static PyObject *session_token_of(PyObject *request)
+{
+    PyObject *session = attribute_or_none(request, name_session);
+    if (session == NULL || session == Py_None)
+        return session;
+    PyObject *key = attribute_or_none(session, name_session_key);
+    Py_DECREF(session);
+    return key;
+}
+
+#define CAPTURE_ARGUMENTS 8
+
+/* capture(request, response, request_time, request_body, user, weight, blocked_by,
+   max_record) */
+static PyObject *capture(Capturer *self, PyObject *const *arguments, Py_ssize_t count)
+{
+    if (count != CAPTURE_ARGUMENTS) {
+        PyErr_Format(PyExc_TypeError, "capture takes %d arguments (%zd given)",
+                     CAPTURE_ARGUMENTS, count);
+        return NULL;
+    }
+    PyObject *request = arguments[0], *response = arguments[1], *request_time = arguments[2],
+        *request_body = arguments[3], *user = arguments[4], *weight = arguments[5],
+        *blocked_by = arguments[6];
+    Py_ssize_t max_record = PyLong_AsSsize_t(arguments[7]);
+    if (max_record == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *result = NULL, *response_time = NULL, *meta = NULL, *headers = NULL,
+        *store = NULL, *id = NULL, *user_id = NULL, *method = NULL, *response_body = NULL,
+        *session_token = NULL, *path = NULL, *scheme = NULL, *status = NULL, *payload = NULL;
+    if ((response_time = time_ns_now()) == NULL
+            || (meta = PyObject_GetAttr(request, name_meta)) == NULL
+            || (headers = PyObject_GetAttr(response, name_headers)) == NULL
+            || (store = attribute_or_none(headers, name_store)) == NULL)
+        goto done;
+    id = self->transaction_ids ? capture_transaction_id(self, response, meta, store)
+                               : Py_NewRef(Py_None);
+    if (id == NULL || (user_id = user_id_of(self, request, user)) == NULL
+            || (method = PyObject_GetAttr(request, name_method)) == NULL)
+        goto done;
+    int named = PyObject_IsTrue(method);
+    if (named <= 0) {
+        Py_SETREF(method, Py_NewRef(empty_text));
+        if (named < 0)
+            goto done;
+    }
+    if ((response_body = response_body_of(self, response, method)) == NULL
+            || (session_token = session_token_of(request)) == NULL
+            || (path = PyObject_GetAttr(request, name_path)) == NULL
+            || (scheme = self->request_scheme ? PyObject_GetAttr(request, name_scheme)
+                                              : Py_NewRef(Py_None)) == NULL
+            || (status = PyObject_GetAttr(response, name_status_code)) == NULL)
+        goto done;
+    PyObject *fields[INCOMING_ARGUMENTS] = {
+        meta, path, scheme, self->forwarded_host ? Py_True : Py_False, request_time,
+        response_time, method, request_body, status, store, response_body, id, user_id,
+        Py_None, session_token, Py_None, weight, blocked_by, self->settings_tag};
+    if ((payload = pack_incoming(NULL, fields, INCOMING_ARGUMENTS)) == NULL)
+        goto done;
+    if (payload != Py_None && PyBytes_GET_SIZE(payload) <= max_record)
+        result = Py_NewRef(payload);
+    else /* left to the middleware's _record, with what was gathered */
+        result = PyTuple_Pack(GATHERED_FIELDS, response_time, id, user_id, Py_None,
+                              response_body, session_token, Py_None, weight);
+done:
+    Py_XDECREF(response_time);
+    Py_XDECREF(meta);
+    Py_XDECREF(headers);
+    Py_XDECREF(store);
+    Py_XDECREF(id);
+    Py_XDECREF(user_id);
+    Py_XDECREF(method);
+    Py_XDECREF(response_body);
+    Py_XDECREF(session_token);
+    Py_XDECREF(path);
+    Py_XDECREF(scheme);
+    Py_XDECREF(status);
+    Py_XDECREF(payload);
+    return result;
+}
+
+static PyObject *capturer_new(PyTypeObject *type, PyObject *arguments, PyObject *keywords)
+{
+    static char *names[] = {"settings_tag", "log_body", "max_body_size", "request_scheme",
+                            "forwarded_host", "transaction_ids", "response_type",
+                            "new_transaction_id", "authenticated_user_id", "lazy_type",
+                            "lazy_empty", "session_auth", "session_kinds", "session_check",
+                            NULL};
+    PyObject *settings_tag, *max_body_size, *response_type, *new_transaction_id,
+        *authenticated_user_id, *lazy_type, *lazy_empty, *session_auth, *session_kinds,
+        *session_check;
+    int log_body, request_scheme, forwarded_host, transaction_ids;
+    if (!PyArg_ParseTupleAndKeywords(arguments, keywords, "OpO!pppO!OOO!OOO!O:Capturer", names,
+                                     &settings_tag, &log_body, &PyLong_Type, &max_body_size,
+                                     &request_scheme, &forwarded_host, &transaction_ids,
+                                     &PyType_Type, &response_type, &new_transaction_id,
+                                     &authenticated_user_id, &PyType_Type, &lazy_type,
+                                     &lazy_empty, &session_auth, &PyDict_Type, &session_kinds,
+                                     &session_check))
+        return NULL;
+    Py_ssize_t max_body = PyLong_AsSsize_t(max_body_size);
+    if (max_body == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return NULL;
+        PyErr_Clear();
+        max_body = PY_SSIZE_T_MAX; /* larger than any body */
+    }
+    Capturer *self = (Capturer *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->settings_tag = Py_NewRef(settings_tag);
+    self->log_body = log_body;
+    self->max_body_size = max_body;
+    self->request_scheme = request_scheme;
+    self->forwarded_host = forwarded_host;
+    self->transaction_ids = transaction_ids;
+    self->response_type = Py_NewRef(response_type);
+    self->content_property = Py_XNewRef(_PyType_Lookup((PyTypeObject *)response_type,
+                                                       name_content));
+    self->new_transaction_id = Py_NewRef(new_transaction_id);
+    self->authenticated_user_id = Py_NewRef(authenticated_user_id);
+    self->lazy_type = Py_NewRef(lazy_type);
+    self->lazy_empty = Py_NewRef(lazy_empty);
+    self->session_auth = Py_NewRef(session_auth);
+    self->session_kinds = Py_NewRef(session_kinds);
+    self->session_check = Py_NewRef(session_check);
+    self->known = NULL;
+    return (PyObject *)self;
+}
+
+static int capturer_traverse(Capturer *self, visitproc visit, void *arg) /* Py_VISIT's names */
+{
+    Py_VISIT(self->settings_tag);
+    Py_VISIT(self->response_type);
+    Py_VISIT(self->content_property);
+    Py_VISIT(self->new_transaction_id);
+    Py_VISIT(self->authenticated_user_id);
+    Py_VISIT(self->lazy_type);
+    Py_VISIT(self->lazy_empty);
+    Py_VISIT(self->session_auth);
+    Py_VISIT(self->session_kinds);
+    Py_VISIT(self->session_check);
+    Py_VISIT(self->known);
+    return 0;
+}
+
+static int capturer_clear(Capturer *self)
+{
+    Py_CLEAR(self->settings_tag);
+    Py_CLEAR(self->response_type);
+    Py_CLEAR(self->content_property);
+    Py_CLEAR(self->new_transaction_id);
+    Py_CLEAR(self->authenticated_user_id);
+    Py_CLEAR(self->lazy_type);
+    Py_CLEAR(self->lazy_empty);
+    Py_CLEAR(self->session_auth);
+    Py_CLEAR(self->session_kinds);
+    Py_CLEAR(self->session_check);
+    Py_CLEAR(self->known);
+    return 0;
+}
+
+static void capturer_dealloc(Capturer *self)
+{
+    PyObject_GC_UnTrack(self);
+    capturer_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef capturer_methods[] = {
+    {"capture", (PyCFunction)(void (*)(void))capture, METH_FASTCALL,
+     "capture(request, response, request_time, request_body, user, weight, blocked_by,\n"
+     "max_record) -> the record's bytes, or the Gathered tuple for the middleware's _record\n"
+     "when the record is larger than max_record or pack_incoming declines it.\n\n"
+     "What MoesifMiddleware._gather returns for a call kept before the view (so `weight`\n"
+     "is given), for options without callbacks, then pack_incoming of it: the transaction id\n"
+     "is set on the response as _gather sets it, the user id comes from `user_id`."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CapturerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "moesif_fast._recordpack.Capturer",
+    .tp_doc = "Capturer(settings_tag, log_body, max_body_size, request_scheme, forwarded_host,\n"
+              "transaction_ids, response_type, user_id, new_transaction_id): the middleware's\n"
+              "_gather and record packing for options without callbacks (see capture).",
+    .tp_basicsize = sizeof(Capturer),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = capturer_new,
+    .tp_traverse = (traverseproc)capturer_traverse,
+    .tp_clear = (inquiry)capturer_clear,
+    .tp_dealloc = (destructor)capturer_dealloc,
+    .tp_methods = capturer_methods,
+};
+
 static PyMethodDef methods[] = {
     {"pack_call", pack_call, METH_O,
      "pack_call(fields) -> the record's bytes (record.encode_call), or None: Python packs it."},
@@ -596,6 +1146,36 @@ static int intern_keys(void)
         {&key_content_type, "CONTENT_TYPE"},
         {&key_content_length, "CONTENT_LENGTH"},
         {&direction_incoming, "Incoming"},
+        {&name_meta, "META"},
+        {&name_headers, "headers"},
+        {&name_store, "_store"},
+        {&name_method, "method"},
+        {&name_path, "path"},
+        {&name_scheme, "scheme"},
+        {&name_status_code, "status_code"},
+        {&name_content, "content"},
+        {&name_session, "session"},
+        {&name_session_key, "session_key"},
+        {&name_get, "get"},
+        {&key_transaction_id, "HTTP_X_MOESIF_TRANSACTION_ID"},
+        {&transaction_header, "x-moesif-transaction-id"},
+        {&verb_head, "HEAD"},
+        {&empty_text, ""},
+        {&name_dict, "__dict__"},
+        {&name_user, "user"},
+        {&name_setupfunc, "_setupfunc"},
+        {&name_wrapped, "_wrapped"},
+        {&name_cached_user, "_cached_user"},
+        {&name_code, "__code__"},
+        {&name_closure, "__closure__"},
+        {&name_cell_contents, "cell_contents"},
+        {&name_get_user, "get_user"},
+        {&name_get_user_session_key, "_get_user_session_key"},
+        {&name_get_user_model, "get_user_model"},
+        {&name_session_key_setting, "SESSION_KEY"},
+        {&name_session_cache, "_session_cache"},
+        {&name_accessed, "accessed"},
+        {&name_container, "_container"},
     };
     for (size_t index = 0; index < sizeof keys / sizeof keys[0]; index++)
         if ((*keys[index].key = PyUnicode_InternFromString(keys[index].text)) == NULL)
@@ -615,5 +1195,11 @@ PyMODINIT_FUNC PyInit__recordpack(void)
         PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
         return NULL;
     }
-    return PyModule_Create(&module);
+    if (PyType_Ready(&CapturerType) < 0)
+        return NULL;
+    PyObject *created = PyModule_Create(&module);
+    if (created != NULL && PyModule_AddObjectRef(created, "Capturer",
+                                                 (PyObject *)&CapturerType) < 0)
+        Py_CLEAR(created);
+    return created;
 }

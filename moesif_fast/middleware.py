@@ -59,6 +59,10 @@ os.register_at_fork(after_in_child=_transaction_ids.seed)  # as `random` does fo
 _getrandbits = _transaction_ids.getrandbits
 _BIT_128 = 1 << 128
 _NO_NEEDS: frozenset[str] = frozenset()
+Gathered = tuple[int, Any, Any, Any, "bytes | int | None", Any, Any, int]
+"""What a record needs from after the view, in this order: the response time, the transaction
+id, the user id, the company id, the response body (or its size over MAX_BODY_SIZE), the
+session token, the metadata and the weight (MoesifMiddleware._gather)."""
 _recordpack = compiled("_recordpack")
 _compiled_incoming = None if _recordpack is None else _recordpack.pack_incoming
 """The record of an incoming call packed straight from META and the response's header store
@@ -106,6 +110,20 @@ class MoesifMiddleware:
         self._has_callbacks = options is not None and any(
             getattr(options, name) is not None for name in
             ("SKIP", "IDENTIFY_USER", "IDENTIFY_COMPANY", "GET_SESSION_TOKEN", "GET_METADATA"))
+        self._capturer = None
+        """_gather and the record's packing in one compiled call, for options without
+        callbacks or LOCAL_DEBUG (docs/compiled.md)."""
+        if _recordpack is not None and options is not None and not self._has_callbacks \
+                and not options.LOCAL_DEBUG:
+            self._capturer = _recordpack.Capturer(
+                settings_tag=options.settings_tag, log_body=options.LOG_BODY,
+                max_body_size=options.MAX_BODY_SIZE, request_scheme=self._proxy_ssl_header,
+                forwarded_host=self._forwarded_host,
+                transaction_ids=not options.DISABLE_TRANSACTION_ID, response_type=HttpResponse,
+                new_transaction_id=new_transaction_id,
+                authenticated_user_id=_authenticated_user_id, lazy_type=SimpleLazyObject,
+                lazy_empty=lazy_empty, session_auth=_known_session_auth,
+                session_kinds=_plain_session_types, session_check=_session_user_is_anonymous)
         self._is_async = iscoroutinefunction(get_response)
         if self._is_async:
             markcoroutinefunction(self)
@@ -116,8 +134,8 @@ class MoesifMiddleware:
         if self._sink is None:
             return self.get_response(request)
         policy = self._sink.policy()
-        sampled = _sample_early(policy)
-        if not policy.governs():  # the common case: no governance rules
+        sampled = True if policy.captures_all else _sample_early(policy)
+        if policy.captures_all or not policy.governs():  # the common case: no governance
             # start() and finish(), without their general cases
             request_body = self._request_body(request) if sampled is not False else None
             request_time = _time_ns()
@@ -291,10 +309,31 @@ class MoesifMiddleware:
         resolved under ASGI (see _acall)."""
         if sampled is False:
             return  # sampled out before the view: no event, so no transaction id to name it
+        gathered: Gathered | bytes | None = None
+        if sampled and self._capturer is not None:  # kept before the view: the common case
+            rate = policy.global_sample_rate
+            gathered = self._capturer.capture(
+                request, response, request_time, request_body, user,
+                1 if rate >= FULL_RATE else Policy.weight(rate), blocked_by,
+                self._sink.max_record)
+            if type(gathered) is bytes:
+                self._sink.append(gathered)
+                return
+        if gathered is None:
+            gathered = self._gather(request, response, user, policy, sampled)
+            if gathered is None:
+                return
+        self._record(request, response, request_time, request_body, blocked_by, gathered)
+
+    def _gather(self, request: HttpRequest, response: HttpResponseBase, user: Any,
+                policy: Policy, sampled: bool | None) -> Gathered | None:
+        """What the record needs from after the view (the transaction id, also set on the
+        response, the callbacks' and the session's values, the response body); None when SKIP
+        or sampling leaves the call out. The compiled Capturer does the same in one call."""
         response_time = _time_ns()
         options = self.options
         if options.SKIP and self._callback(options.SKIP, request, response):
-            return
+            return None
         meta = request.META
         header_store = getattr(response.headers, "_store", None)  # {lower name: (name, value)}
         transaction_id = None
@@ -316,7 +355,7 @@ class MoesifMiddleware:
         facts = self._facts(request, needs, response, user) if needs else None
         rate = policy.global_sample_rate if facts is None else policy.sample_rate(facts)
         if sampled is None and rate < FULL_RATE and not Policy.keep(rate, _random()):
-            return
+            return None
         # Ids sampling already needed are reused: a user callback runs once per request.
         user_id = facts.user_id if facts is not None and "user_id" in needs \
             else self._user_id(request, response, user)
@@ -337,12 +376,24 @@ class MoesifMiddleware:
         metadata = options.GET_METADATA and self._callback(options.GET_METADATA, request,
                                                            response)
         weight = 1 if rate >= FULL_RATE else Policy.weight(rate)
+        return (response_time, transaction_id, user_id, company_id, response_body,
+                session_token, metadata, weight)
+
+    def _record(self, request: HttpRequest, response: HttpResponseBase, request_time: int,
+                request_body: bytes | int | None, blocked_by: str | None,
+                gathered: Gathered) -> None:
+        """Pack the call's record and append it to the ring."""
+        (response_time, transaction_id, user_id, company_id, response_body, session_token,
+         metadata, weight) = gathered
+        options = self.options
+        meta = request.META
+        method = request.method or ""
         payload = None
         if _compiled_incoming is not None:  # the common case, straight from META and headers
             payload = _compiled_incoming(
                 meta, request.path, request.scheme if self._proxy_ssl_header else None,
                 self._forwarded_host, request_time, response_time, method, request_body,
-                response.status_code, header_store, response_body,
+                response.status_code, getattr(response.headers, "_store", None), response_body,
                 transaction_id, user_id, company_id, session_token, metadata, weight, blocked_by,
                 options.settings_tag)
         if payload is None or len(payload) > self._sink.max_record:
@@ -393,13 +444,9 @@ class MoesifMiddleware:
             # request.user is absent without AuthenticationMiddleware. Under ASGI it arrives
             # resolved by auser(): evaluating the lazy object would query synchronously.
             user = user or getattr(request, "user", None)
-            if user is not None and user.is_authenticated:
-                get_username = getattr(user, "get_username", None)
-                return (get_username() if get_username else getattr(user, "username", None)) \
-                    or None
         except Exception:
-            pass
-        return None  # the shipper then reads the Authorization header
+            return None
+        return _authenticated_user_id(user)
 
     def _session_token(self, request: HttpRequest, response: HttpResponseBase) -> Any:
         session = getattr(request, "session", None)  # absent without SessionMiddleware
@@ -502,7 +549,8 @@ def _either(blocked: HttpResponseBase | None, response: HttpResponseBase) -> Htt
 class _SessionAuth(NamedTuple):
     """Django's session authentication as this process runs it: the functions evaluating
     `request.user` calls (checked by identity on every use: a test's mock.patch or an app's
-    monkeypatch disables the shortcut), and the session class attributes it relies on."""
+    monkeypatch disables the shortcut), and the session class attributes it relies on. The
+    compiled Capturer reads these fields by position: keep their order."""
 
     middleware: ModuleType  # django.contrib.auth.middleware
     auth: ModuleType  # django.contrib.auth
@@ -518,6 +566,24 @@ class _SessionAuth(NamedTuple):
 _session_auth: _SessionAuth | None = None
 _session_auth_resolved = False
 _plain_session_types: dict[type, bool] = {}  # session class: reads its data as SessionBase
+
+
+def _authenticated_user_id(user: Any) -> Any:
+    """The username of `user` when it is authenticated, else None (the shipper then reads the
+    Authorization header)."""
+    try:
+        if user is not None and user.is_authenticated:
+            get_username = getattr(user, "get_username", None)
+            return (get_username() if get_username else getattr(user, "username", None)) \
+                or None
+    except Exception:
+        pass
+    return None
+
+
+def _known_session_auth() -> _SessionAuth | None:
+    """Django's session authentication functions, resolved on first use (None: never taken)."""
+    return _session_auth if _session_auth_resolved else _resolve_session_auth()
 
 
 def _session_user_is_anonymous(request: HttpRequest) -> bool:
@@ -540,7 +606,7 @@ def _session_user_is_anonymous(request: HttpRequest) -> bool:
         if state.get("_wrapped") is not lazy_empty or hasattr(request, "_cached_user") \
                 or getattr(setup, "__code__", None) is None:
             return False  # evaluated already (cheap to read), or not Django's lazy user
-        known = _session_auth if _session_auth_resolved else _resolve_session_auth()
+        known = _known_session_auth()
         if (known is None or setup.__code__ is not known.lazy_user_code
                 or setup.__closure__ is None
                 or setup.__closure__[0].cell_contents is not request

@@ -166,7 +166,8 @@ class Policy:
 
     __slots__ = ("problems", "global_sample_rate", "_sampling_rules", "_user_rates",
                  "_company_rates", "_sampling_needs", "_regex_rules", "_users", "_companies",
-                 "_governs", "_governs_phase", "_needs_response", "_governance_needs")
+                 "_governs", "_governs_phase", "_needs_response", "_governance_needs",
+                 "captures_all")
 
     def __init__(self, problems: list[str], global_sample_rate: int,
                  sampling_rules: tuple[tuple[Conditions, int], ...], user_rates: dict[str, int],
@@ -196,6 +197,10 @@ class Policy:
         governance_needs.update(field for rule in reachable for conditions in rule.groups
                                 for field, _, _ in conditions)
         self._governs = bool(reachable)
+        self.captures_all = not reachable and not sampling_needs \
+            and global_sample_rate >= FULL_RATE
+        """No rule can apply and every call is sampled: the middleware captures every call
+        with no decision to take (the common case, read on every request)."""
         self._needs_response = any(rule.after_view for rule in reachable)
         self._governs_phase = (any(not rule.after_view for rule in reachable),
                                self._needs_response)  # indexed by after_view

@@ -18,7 +18,7 @@ from moesif_fast import PURE_PYTHON, PURE_PYTHON_ENV
 IN_PROCESS_SUITES = ["test_event.py", "test_eventjson.py", "test_compat.py", "test_record.py",
                      "test_outgoing.py", "test_platform.py", "test_middleware.py",
                      "test_entities.py", "test_priority.py", "test_recorddecode.py",
-                     "test_ringbuffer.py", "test_capture_record.py"]
+                     "test_ringbuffer.py", "test_capture_record.py", "test_worker_cost.py"]
 
 
 @pytest.mark.skipif(PURE_PYTHON, reason="this whole run is pure Python already")
