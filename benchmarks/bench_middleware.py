@@ -16,10 +16,10 @@ cookie: an anonymous user), as bench_paced.py runs them: capture's cost there in
 looking at `request.user` makes those middlewares do.
 
 The rows above are timed apart, and this machine drifts by more than capture costs between
-them. `test_added_by_capture_paired` measures what #15's goals ask for: requests with and
-without capture interleaved one by one (their order alternating), the added cost being the
-median of the per-pair differences, printed at the end with its quartiles. Its own row times
-a pair.
+them. `test_added_by_capture_paired` measures the added cost the README's goals name: requests
+with and without capture interleaved one by one (their order alternating), the added cost being
+the median of the per-pair differences, printed at the end with its quartiles. Its own row
+times a pair.
 
     python -m pytest benchmarks/bench_middleware.py --benchmark-only
 """

@@ -1084,7 +1084,8 @@ static PyMethodDef capturer_methods[] = {
      "when the record is larger than max_record or pack_incoming declines it.\n\n"
      "What MoesifMiddleware._gather returns for a call kept before the view (so `weight`\n"
      "is given), for options without callbacks, then pack_incoming of it: the transaction id\n"
-     "is set on the response as _gather sets it, the user id comes from `user_id`."},
+     "is set on the response as _gather sets it, the user id is _user_id's (the session\n"
+     "shortcut in C, then authenticated_user_id), the company id and metadata are None."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1092,8 +1093,11 @@ static PyTypeObject CapturerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "moesif_fast._recordpack.Capturer",
     .tp_doc = "Capturer(settings_tag, log_body, max_body_size, request_scheme, forwarded_host,\n"
-              "transaction_ids, response_type, user_id, new_transaction_id): the middleware's\n"
-              "_gather and record packing for options without callbacks (see capture).",
+              "transaction_ids, response_type, new_transaction_id, authenticated_user_id,\n"
+              "lazy_type, lazy_empty, session_auth, session_kinds, session_check): the\n"
+              "middleware's _gather and record packing for options without callbacks (see\n"
+              "capture); the arguments are the options and the middleware module's values and\n"
+              "functions they read.",
     .tp_basicsize = sizeof(Capturer),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = capturer_new,

@@ -203,6 +203,22 @@ def test_default_policy_samples_everything_and_governs_nothing() -> None:
     assert not policy.needs_response()
     assert policy.governance_needs() == frozenset()
     assert ruling(policy, route="/blocked") is None
+    assert policy.captures_all
+
+
+@pytest.mark.parametrize("config, rules", [
+    ({"sample_rate": 99}, None),
+    ({"user_sample_rate": {"u": 50}}, None),
+    ({"regex_config": [{"conditions": [{"path": "request.route", "value": "/x"}],
+                        "sample_rate": 10}]}, None),
+    (None, [rule("block-1", status=403)]),
+], ids=["global rate", "user rate", "sampling rule", "governance rule"])
+def test_a_decision_to_take_is_not_capturing_all(config: Any, rules: Any) -> None:
+    """captures_all lets the middleware skip sampling and governance: any rate below 100 %,
+    any rate that depends on the request and any rule that can apply must turn it off."""
+    policy = Policy.compile(config, rules)
+    assert policy.problems == []
+    assert not policy.captures_all
 
 
 # Governance: regex rules
