@@ -604,14 +604,23 @@ static PyObject *time_ns_now(void)
     return PyLong_FromLongLong((long long)now.tv_sec * 1000000000LL + now.tv_nsec);
 }
 
-/* getattr(object, name, None), as a new reference. */
+/* Like getattr(object, name, None), but *value stays NULL when the attribute is absent:
+   1 (found), 0 (absent) or -1 (an exception is set). */
+static int lookup_attribute(PyObject *object, PyObject *name, PyObject **value)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyObject_GetOptionalAttr(object, name, value);
+#else
+    return _PyObject_LookupAttr(object, name, value);
+#endif
+}
+
+/* getattr(object, name, None), as a new reference (NULL with an exception set). */
 static PyObject *attribute_or_none(PyObject *object, PyObject *name)
 {
-    PyObject *value = PyObject_GetAttr(object, name);
-    if (value == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
-        PyErr_Clear();
+    PyObject *value;
+    if (lookup_attribute(object, name, &value) == 0)
         value = Py_NewRef(Py_None);
-    }
     return value;
 }
 
@@ -626,16 +635,6 @@ static PyObject *mapping_get(PyObject *mapping, PyObject *key)
     return Py_NewRef(value ? value : Py_None);
 }
 
-/* Like getattr(object, name, None), but *value stays NULL when the attribute is absent:
-   1 (found), 0 (absent) or -1 (an exception is set). */
-static int lookup_attribute(PyObject *object, PyObject *name, PyObject **value)
-{
-#if PY_VERSION_HEX >= 0x030D0000
-    return PyObject_GetOptionalAttr(object, name, value);
-#else
-    return _PyObject_LookupAttr(object, name, value);
-#endif
-}
 
 /* `object.name is expected`: 1, 0 or -1. */
 static int attribute_is(PyObject *object, PyObject *name, PyObject *expected)
@@ -801,18 +800,20 @@ static PyObject *user_id_of(Capturer *self, PyObject *request, PyObject *user)
     if (user == Py_None) {
         PyObject *instance = PyObject_GetAttr(request, name_dict);
         PyObject *lazy = instance == NULL ? NULL : mapping_get(instance, name_user);
-        int anonymous = lazy == NULL ? -1 : 0;
-        if (lazy != NULL && Py_TYPE(lazy) == (PyTypeObject *)self->lazy_type) {
-            anonymous = lazy_user_is_anonymous(self, request, instance, lazy);
-            if (anonymous < 0)
-                anonymous = clear_exception() < 0 ? -2 : 0;
+        if (lazy == NULL) { /* request.__dict__ failed: _user_id's `except` answers None */
+            Py_XDECREF(instance);
+            return clear_exception() < 0 ? NULL : Py_NewRef(Py_None);
         }
-        Py_XDECREF(instance);
-        Py_XDECREF(lazy);
-        if (anonymous == -2 || (anonymous == -1 && clear_exception() < 0))
-            return NULL;
+        int anonymous = 0;
+        if (Py_TYPE(lazy) == (PyTypeObject *)self->lazy_type) {
+            anonymous = lazy_user_is_anonymous(self, request, instance, lazy);
+            if (anonymous < 0) /* the Python check's own `except`: not certainly anonymous */
+                anonymous = clear_exception();
+        }
+        Py_DECREF(instance);
+        Py_DECREF(lazy);
         if (anonymous != 0)
-            return Py_NewRef(Py_None);
+            return anonymous < 0 ? NULL : Py_NewRef(Py_None);
     } else {
         int truth = PyObject_IsTrue(user);
         if (truth < 0)

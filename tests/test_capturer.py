@@ -62,6 +62,18 @@ class BrokenUser:
         raise RuntimeError("no database")
 
 
+class OddSetup:
+    """A lazy user's setup function whose attributes raise: the session shortcut's check
+    fails, so the user is evaluated (as without the shortcut)."""
+
+    @property
+    def __code__(self) -> Any:
+        raise RuntimeError("no code")
+
+    def __call__(self) -> User:
+        return User("carol")
+
+
 class Session:
     """What capture reads of a session: its key."""
 
@@ -150,6 +162,8 @@ USERS: dict[str, Callable[[HttpRequest], None]] = {
     "an anonymous user": lambda request: setattr(request, "user", User("", False)),
     "a lazy user": lambda request: setattr(request, "user",
                                            SimpleLazyObject(lambda: User("bob"))),
+    "a lazy user whose check raises": lambda request: setattr(request, "user",
+                                                              SimpleLazyObject(OddSetup())),
     "a user that raises": lambda request: setattr(request, "user", BrokenUser()),
     "a session": lambda request: setattr(request, "session", Session("s-key")),
     "a session without a key": lambda request: setattr(request, "session", Session(None)),
@@ -217,6 +231,7 @@ def test_each_user_gives_the_same_user_id_and_session_token(ring: Reader, user: 
     seen = assert_same(ring, "defaults", "plain", "JSON POST", "JSON", user)
     [call] = seen.calls
     expected = {"a user": ("alice", None), "a lazy user": ("bob", None),
+                "a lazy user whose check raises": ("carol", None),
                 "a session": (None, "s-key")}.get(user, (None, None))
     assert (call.user_id, call.session_token) == expected
 
