@@ -133,10 +133,25 @@ class MoesifMiddleware:
             return self._acall(request)
         if self._sink is None:
             return self.get_response(request)
-        policy = self._sink.policy()
-        sampled = True if policy.captures_all else _sample_early(policy)
-        if policy.captures_all or not policy.governs():  # the common case: no governance
-            # start() and finish(), without their general cases
+        sink = self._sink
+        policy = sink.policy()
+        capturer = self._capturer
+        if policy.captures_all and capturer is not None:  # the common case, in one C call
+            request_body = self._request_body(request)
+            request_time = _time_ns()
+            response = self.get_response(request)
+            try:
+                record = capturer.capture(request, response, request_time, request_body, None,
+                                          1, None, sink.max_record)
+                if type(record) is bytes:
+                    sink.append(record)
+                else:  # too large for the ring, or declined by the packer: packed in Python
+                    self._record(request, response, request_time, request_body, None, record)
+            except Exception:
+                self._capture_failed()
+            return response
+        sampled = _sample_early(policy)
+        if not policy.governs():  # no governance: start() and finish() in line
             request_body = self._request_body(request) if sampled is not False else None
             request_time = _time_ns()
             response = self.get_response(request)

@@ -89,12 +89,14 @@ class EventSink:
 
     def policy(self) -> Policy:
         """The sampling and governance policy the shipper published for this ring (the
-        defaults until it has, or while no ring is attached)."""
+        defaults until it has, or while no ring is attached). Once a ring is attached, the
+        snapshot's `PolicySource.current` replaces this method: a request runs no frame here."""
         if self._policy_source is None:
             producer = self._producer or self._attach()
             if producer is None:
                 return Policy.DEFAULT
             self._policy_source = PolicySource(ringfile.policy_snapshot_path(producer.ring.path))
+            self.policy = self._policy_source.current  # type: ignore[method-assign]
         return self._policy_source.current()
 
     def append(self, payload: bytes) -> bool:
@@ -153,7 +155,7 @@ class EventSink:
                 producer = _producers.pop(ring.path, None)
             if producer is not None:
                 producer.close()
-            self._producer = self._policy_source = None
+            self._producer = None  # the policy source stays: the ring's path is the same
             return
         if self._started_shipper is not None and self._started_shipper.poll() is None:
             return

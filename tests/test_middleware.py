@@ -37,7 +37,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from records import captured  # noqa: E402
 
-from moesif_fast import ringfile  # noqa: E402
+from moesif_fast import ringfile, snapshot  # noqa: E402
 from moesif_fast.event import EventBuilder  # noqa: E402
 from moesif_fast.middleware import (  # noqa: E402
     MAX_HEADER_KEY_SETS,
@@ -299,6 +299,22 @@ def test_a_rule_on_the_status_replaces_the_response_after_the_view(ring: Reader)
         451, "after", {"rule": "after"})
     [call] = captured(ring)
     assert (call.status, call.blocked_by) == (451, "after")
+
+
+def test_rules_published_while_serving_apply_to_the_next_request(ring: Reader,
+                                                                  monkeypatch) -> None:
+    """One middleware (one client) serving on: each request sees the newest snapshot once its
+    check interval has passed (none here)."""
+    monkeypatch.setattr(snapshot, "CHECK_INTERVAL", 0.0)
+    with override_settings(MOESIF_MIDDLEWARE=BASE_OPTIONS, ROOT_URLCONF=__name__):
+        http = Client()
+        statuses = [http.get("/counted").status_code]
+        publish_rules(ring, [rule("later", "request.route", "/counted", 429, {})])
+        statuses.append(http.get("/counted").status_code)
+        publish_rules(ring, [])
+        statuses.append(http.get("/counted").status_code)
+    assert statuses == [404, 429, 404]
+    assert [call.blocked_by for call in captured(ring)] == [None, "later", None]
 
 
 

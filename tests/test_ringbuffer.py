@@ -662,6 +662,27 @@ def test_a_forked_child_appends_to_a_lane_of_its_own(
     producer.close()
 
 
+def test_a_closed_producer_never_writes_to_the_lane_it_released(
+        make_ring: Callable[..., RingFile]) -> None:
+    """Its next append claims a lane again: the lane it released may be another's by then."""
+    ring = make_ring(Geometry(4, 64 * KiB, 1000))
+    first, second = Producer(ring, preferred_lane=0), Producer(ring, preferred_lane=0)
+    assert first.append(make_record(0, 0, 500))
+    assert first.lane == 0
+    first.close()
+    assert second.append(make_record(1, 0, 500))
+    assert second.lane == 0
+    assert first.append(make_record(0, 1, 500))
+    assert first.lane == 1
+    assert second.append(make_record(1, 1, 500))
+    drain = Drain(Reader(ring))
+    drain.until_empty()
+    assert_delivered(drain, {0: [0, 1], 1: [0, 1]})
+    assert ring.stats().lanes[0].corrupt_resets == 0
+    first.close()
+    second.close()
+
+
 def test_eight_threads_sharing_a_producer_deliver_every_record_once(
         make_ring: Callable[..., RingFile]) -> None:
     """Eight threads append through one Producer (one lane, 256 KiB, so it fills and they

@@ -17,7 +17,9 @@ The write and publish of a record (`_append`) run in C (`_lane.append`, the same
 counts, and a release store for the publish) when the extension is built, the ring publishes
 with plain stores, and MOESIF_FAST_PURE_PYTHON is not 1; the Python code is the reference.
 Once this process owns a lane, such an append takes no lock: one call into C holding the GIL
-runs no Python code, so no other thread and no signal handler can run in the middle of it.
+runs no Python code, so no other thread and no signal handler can run in the middle of it. The
+producer's `append` is then that C call itself (an instance attribute over the method, removed
+when the lane is released or after a fork), so the worker's append runs no Python frame.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from functools import partial
 
 from .. import compiled
@@ -84,8 +85,7 @@ class Producer:
         self._lock = threading.RLock()  # RLock: a signal handler re-entering does not deadlock
         self._appending = False
         self._lane: int | None = None
-        self._append_to_lane: Callable[[bytes], bool] | None = None
-        """The compiled append to the owned lane (see the module docstring), or None."""
+        vars(self).pop("append", None)  # the compiled append to a lane owned before
         self._lane_fd: int | None = None
         self._overflow_fd: int | None = None
         self._sync_fds: dict[int, int] = {}  # lane → its sync lock (locked-publish mode)
@@ -97,10 +97,8 @@ class Producer:
         return self._lane
 
     def append(self, record: bytes) -> bool:
-        """Append one record. True when it is published; False when it was dropped (counted)."""
-        append_to_lane = self._append_to_lane
-        if append_to_lane is not None and not self._appending:
-            return append_to_lane(record)
+        """Append one record. True when it is published; False when it was dropped (counted).
+        Once this process owns a lane, the compiled append to it replaces this method."""
         with self._lock:
             if self._appending:  # re-entered from a signal handler in the middle of an append
                 self._count_nested_drop()
@@ -116,7 +114,7 @@ class Producer:
     def close(self) -> None:
         """Release this process's lane (it is also released when the process exits)."""
         with self._lock:
-            self._append_to_lane = None  # first: closing the lane's lock file releases it
+            vars(self).pop("append", None)  # first: closing the lane's lock file releases it
             self._close_descriptors()
             self._lane_fd = self._overflow_fd = None
             self._sync_fds = {}
@@ -194,7 +192,7 @@ class Producer:
                 self._lane, self._lane_fd = lane, fd
                 self._words[self.ring.control_word(lane, OWNER_PID)] = self._pid
                 if self._compiled_append is not None:
-                    self._append_to_lane = partial(
+                    self.append = partial(  # type: ignore[method-assign]
                         self._compiled_append, self._bytes, *self._lanes[lane], self._capacity,
                         self._max_record, self._max_records)
                 self._flush_busy_drops(lane)
