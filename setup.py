@@ -9,6 +9,7 @@ from setuptools import Extension, setup
 
 COMPILE_ARGS = ["-O2", "-std=c99", "-Wall", "-Wextra"]
 BUFFER_HEADER = "moesif_fast/_buffer.h"
+LANE_HEADER = "moesif_fast/ringbuffer/_lane.h"
 
 
 def extension(module: str, depends: tuple[str, ...] = ()) -> Extension:
@@ -19,7 +20,7 @@ def extension(module: str, depends: tuple[str, ...] = ()) -> Extension:
 
 setup(ext_modules=[
     extension("moesif_fast._eventjson", (BUFFER_HEADER,)),
-    extension("moesif_fast._recordpack", (BUFFER_HEADER,)),
+    extension("moesif_fast._recordpack", (BUFFER_HEADER, LANE_HEADER)),
     extension("moesif_fast._recorddecode"),
-    extension("moesif_fast.ringbuffer._lane"),
+    extension("moesif_fast.ringbuffer._lane", (LANE_HEADER,)),
 ])

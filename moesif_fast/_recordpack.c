@@ -13,9 +13,9 @@ otherwise gather first (the URI, the request header columns, REMOTE_ADDR, the re
 pairs); None when any of them is not in the plain form it handles (see its docstring): the
 middleware then gathers the fields in Python.
 
-`Capturer(...).capture(...)` is the middleware's `_gather` and `pack_incoming` in one call, for
-options without callbacks: the record's bytes, or the gathered values for the Python path to
-pack (see its docstring and docs/compiled.md).
+`Capturer(...).capture(...)` is the middleware's `_gather`, `pack_incoming` and the append in
+one call, for options without callbacks: it appends the record, or answers the gathered values
+for the Python path to pack (see its docstring and docs/compiled.md).
 
 `transaction_id()` returns a random version-4 UUID string in the middleware's format.
 
@@ -32,6 +32,7 @@ Python's attribute lookups before it packs). */
 #include <time.h>
 
 #include "_buffer.h"
+#include "ringbuffer/_lane.h"
 
 #define OK 0
 #define DECLINE 1 /* left to the Python path: None is returned */
@@ -434,6 +435,50 @@ static int pack_response_headers(Buffer *buffer, PyObject *store)
     return status;
 }
 
+/* pack_incoming's record written to `buffer` (empty): OK, DECLINE or ERROR. */
+static int pack_incoming_into(Buffer *buffer, PyObject *const *arguments)
+{
+    /* The arguments, in this order; the record's other fields come from `meta`. */
+    PyObject *meta = arguments[0], *path = arguments[1], *scheme = arguments[2];
+    int forwarded_host = PyObject_IsTrue(arguments[3]);
+    PyObject *const *times_and_verb = arguments + 4; /* request and response time, verb */
+    PyObject *request_body = arguments[7], *status_code = arguments[8], *store = arguments[9];
+    PyObject *const *tail = arguments + 10; /* response body ... settings tag: 9 fields */
+    if (forwarded_host < 0)
+        return ERROR;
+    if (!PyDict_CheckExact(meta))
+        return DECLINE;
+    RequestHeaders headers; /* first: it checks that META's lookups run no Python code */
+    int status = request_headers_of(meta, &headers);
+    if (status != OK)
+        return status;
+    PyObject *remote_addr = meta_item(meta, key_remote_addr);
+    if (remote_addr == NULL && PyErr_Occurred())
+        return ERROR;
+
+    buffer->data[buffer->length++] = CALL_KIND;
+    status = put_header(buffer, FIELD_COUNT, 0x90, 16, 0, 0xdc, 0xdd);
+    if (status == OK)
+        status = pack_str(buffer, direction_incoming);
+    for (int index = 0; index < 3 && status == OK; index++)
+        status = pack(buffer, times_and_verb[index], 1);
+    if (status == OK)
+        status = pack_uri(buffer, meta, path, scheme, forwarded_host);
+    if (status == OK)
+        status = pack_request_headers(buffer, &headers);
+    if (status == OK)
+        status = pack(buffer, remote_addr ? remote_addr : Py_None, 1);
+    if (status == OK)
+        status = pack(buffer, request_body, 1);
+    if (status == OK)
+        status = pack(buffer, status_code, 1);
+    if (status == OK)
+        status = pack_response_headers(buffer, store);
+    for (int index = 0; index < 9 && status == OK; index++)
+        status = pack(buffer, tail[index], 1);
+    return status;
+}
+
 static PyObject *pack_incoming(PyObject *module, PyObject *const *arguments, Py_ssize_t count)
 {
     (void)module;
@@ -442,47 +487,9 @@ static PyObject *pack_incoming(PyObject *module, PyObject *const *arguments, Py_
                      INCOMING_ARGUMENTS, count);
         return NULL;
     }
-    /* The arguments, in this order; the record's other fields come from `meta`. */
-    PyObject *meta = arguments[0], *path = arguments[1], *scheme = arguments[2];
-    int forwarded_host = PyObject_IsTrue(arguments[3]);
-    PyObject *const *times_and_verb = arguments + 4; /* request and response time, verb */
-    PyObject *request_body = arguments[7], *status_code = arguments[8], *store = arguments[9];
-    PyObject *const *tail = arguments + 10; /* response body ... settings tag: 9 fields */
-    if (forwarded_host < 0)
-        return NULL;
-    if (!PyDict_CheckExact(meta))
-        Py_RETURN_NONE;
-    RequestHeaders headers; /* first: it checks that META's lookups run no Python code */
-    int checked = request_headers_of(meta, &headers);
-    if (checked != OK)
-        return checked == DECLINE ? Py_NewRef(Py_None) : NULL;
-    PyObject *remote_addr = meta_item(meta, key_remote_addr);
-    if (remote_addr == NULL && PyErr_Occurred())
-        return NULL;
-
     Buffer buffer;
     buffer_init(&buffer);
-    buffer.data[buffer.length++] = CALL_KIND;
-    int status = put_header(&buffer, FIELD_COUNT, 0x90, 16, 0, 0xdc, 0xdd);
-    if (status == OK)
-        status = pack_str(&buffer, direction_incoming);
-    for (int index = 0; index < 3 && status == OK; index++)
-        status = pack(&buffer, times_and_verb[index], 1);
-    if (status == OK)
-        status = pack_uri(&buffer, meta, path, scheme, forwarded_host);
-    if (status == OK)
-        status = pack_request_headers(&buffer, &headers);
-    if (status == OK)
-        status = pack(&buffer, remote_addr ? remote_addr : Py_None, 1);
-    if (status == OK)
-        status = pack(&buffer, request_body, 1);
-    if (status == OK)
-        status = pack(&buffer, status_code, 1);
-    if (status == OK)
-        status = pack_response_headers(&buffer, store);
-    for (int index = 0; index < 9 && status == OK; index++)
-        status = pack(&buffer, tail[index], 1);
-    return packed(&buffer, status);
+    return packed(&buffer, pack_incoming_into(&buffer, arguments));
 }
 
 /* -- transaction ids ----------------------------------------------------------------------- */
@@ -919,10 +926,32 @@ static PyObject *session_token_of(PyObject *request)
     return key;
 }
 
-#define CAPTURE_ARGUMENTS 8
+/* The ring's append interface (_lane.h), or NULL when the ring's extension cannot be loaded:
+   looked up when the first Capturer is made. */
+static LaneAPI *lane_api;
+
+/* `append`(the record in `buffer`), answered as append answers (True: published, False:
+   dropped); straight into the lane when `append` is a ring Appender owning one, with no bytes
+   object in between. */
+static PyObject *append_record(PyObject *append, const Buffer *buffer)
+{
+    if (lane_api != NULL && Py_IS_TYPE(append, lane_api->appender_type)) {
+        int written = lane_api->write(append, buffer->data, buffer->length);
+        if (written != LANE_NOT_OWNED)
+            return written < 0 ? NULL : PyBool_FromLong(written);
+    }
+    PyObject *record = PyBytes_FromStringAndSize(buffer->data, buffer->length);
+    if (record == NULL)
+        return NULL;
+    PyObject *answer = PyObject_CallOneArg(append, record);
+    Py_DECREF(record);
+    return answer;
+}
+
+#define CAPTURE_ARGUMENTS 9
 
 /* capture(request, response, request_time, request_body, user, weight, blocked_by,
-   max_record) */
+   max_record, append) */
 static PyObject *capture(Capturer *self, PyObject *const *arguments, Py_ssize_t count)
 {
     if (count != CAPTURE_ARGUMENTS) {
@@ -932,13 +961,13 @@ static PyObject *capture(Capturer *self, PyObject *const *arguments, Py_ssize_t 
     }
     PyObject *request = arguments[0], *response = arguments[1], *request_time = arguments[2],
         *request_body = arguments[3], *user = arguments[4], *weight = arguments[5],
-        *blocked_by = arguments[6];
+        *blocked_by = arguments[6], *append = arguments[8];
     Py_ssize_t max_record = PyLong_AsSsize_t(arguments[7]);
     if (max_record == -1 && PyErr_Occurred())
         return NULL;
     PyObject *result = NULL, *response_time = NULL, *meta = NULL, *headers = NULL,
         *store = NULL, *id = NULL, *user_id = NULL, *method = NULL, *response_body = NULL,
-        *session_token = NULL, *path = NULL, *scheme = NULL, *status = NULL, *payload = NULL;
+        *session_token = NULL, *path = NULL, *scheme = NULL, *status = NULL;
     if ((response_time = time_ns_now()) == NULL
             || (meta = PyObject_GetAttr(request, name_meta)) == NULL
             || (headers = PyObject_GetAttr(response, name_headers)) == NULL
@@ -966,13 +995,15 @@ static PyObject *capture(Capturer *self, PyObject *const *arguments, Py_ssize_t 
         meta, path, scheme, self->forwarded_host ? Py_True : Py_False, request_time,
         response_time, method, request_body, status, store, response_body, id, user_id,
         Py_None, session_token, Py_None, weight, blocked_by, self->settings_tag};
-    if ((payload = pack_incoming(NULL, fields, INCOMING_ARGUMENTS)) == NULL)
-        goto done;
-    if (payload != Py_None && PyBytes_GET_SIZE(payload) <= max_record)
-        result = Py_NewRef(payload);
-    else /* left to the middleware's _record, with what was gathered */
+    Buffer buffer;
+    buffer_init(&buffer);
+    int packing = pack_incoming_into(&buffer, fields);
+    if (packing == OK && buffer.length <= max_record)
+        result = append_record(append, &buffer);
+    else if (packing != ERROR) /* left to the middleware's _record, with what was gathered */
         result = PyTuple_Pack(GATHERED_FIELDS, response_time, id, user_id, Py_None,
                               response_body, session_token, Py_None, weight);
+    buffer_free(&buffer);
 done:
     Py_XDECREF(response_time);
     Py_XDECREF(meta);
@@ -986,7 +1017,6 @@ done:
     Py_XDECREF(path);
     Py_XDECREF(scheme);
     Py_XDECREF(status);
-    Py_XDECREF(payload);
     return result;
 }
 
@@ -1016,6 +1046,8 @@ static PyObject *capturer_new(PyTypeObject *type, PyObject *arguments, PyObject 
         PyErr_Clear();
         max_body = PY_SSIZE_T_MAX; /* larger than any body */
     }
+    if (lane_api == NULL && (lane_api = PyCapsule_Import(LANE_API_CAPSULE, 0)) == NULL)
+        PyErr_Clear(); /* no ring extension: every record is appended through the call */
     Capturer *self = (Capturer *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
@@ -1081,8 +1113,10 @@ static void capturer_dealloc(Capturer *self)
 static PyMethodDef capturer_methods[] = {
     {"capture", (PyCFunction)(void (*)(void))capture, METH_FASTCALL,
      "capture(request, response, request_time, request_body, user, weight, blocked_by,\n"
-     "max_record) -> the record's bytes, or the Gathered tuple for the middleware's _record\n"
-     "when the record is larger than max_record or pack_incoming declines it.\n\n"
+     "max_record, append) -> append(record)'s answer (True: published, False: dropped), or\n"
+     "the Gathered tuple for the middleware's _record when the record is larger than\n"
+     "max_record or pack_incoming declines it. A ring Appender owning a lane gets the record\n"
+     "from the packer's buffer, with no bytes object in between (see _lane.h).\n\n"
      "What MoesifMiddleware._gather returns for a call kept before the view (so `weight`\n"
      "is given), for options without callbacks, then pack_incoming of it: the transaction id\n"
      "is set on the response as _gather sets it, the user id is _user_id's (the session\n"

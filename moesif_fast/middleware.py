@@ -141,12 +141,11 @@ class MoesifMiddleware:
             request_time = _time_ns()
             response = self.get_response(request)
             try:
-                record = capturer.capture(request, response, request_time, request_body, None,
-                                          1, None, sink.max_record)
-                if type(record) is bytes:
-                    sink.append(record)
-                else:  # too large for the ring, or declined by the packer: packed in Python
-                    self._record(request, response, request_time, request_body, None, record)
+                gathered = capturer.capture(request, response, request_time, request_body,
+                                            None, 1, None, sink.max_record, sink.append)
+                if type(gathered) is tuple:  # too large for the ring, or declined by the
+                    self._record(request, response, request_time, request_body, None,  # packer
+                                 gathered)
             except Exception:
                 self._capture_failed()
             return response
@@ -324,15 +323,14 @@ class MoesifMiddleware:
         resolved under ASGI (see _acall)."""
         if sampled is False:
             return  # sampled out before the view: no event, so no transaction id to name it
-        gathered: Gathered | bytes | None = None
+        gathered: Gathered | bool | None = None
         if sampled and self._capturer is not None:  # kept before the view: the common case
             rate = policy.global_sample_rate
             gathered = self._capturer.capture(
                 request, response, request_time, request_body, user,
                 1 if rate >= FULL_RATE else Policy.weight(rate), blocked_by,
-                self._sink.max_record)
-            if type(gathered) is bytes:
-                self._sink.append(gathered)
+                self._sink.max_record, self._sink.append)
+            if type(gathered) is bool:  # appended (or dropped, counted by the ring)
                 return
         if gathered is None:
             gathered = self._gather(request, response, user, policy, sampled)

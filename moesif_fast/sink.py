@@ -101,7 +101,8 @@ class EventSink:
 
     def append(self, payload: bytes) -> bool:
         """Append one record; False when it was dropped (counted by the ring, or, with no ring
-        attached, logged by _attach)."""
+        attached, logged by _attach). Once a ring is attached, outside fallback mode (no
+        shipper to watch), the producer's append replaces this method."""
         producer = self._producer or self._attach()
         if producer is None:
             return False  # no ring: _attach logged why, and retries every few seconds
@@ -119,6 +120,8 @@ class EventSink:
             try:
                 self._producer = self._shared_producer()
                 self.max_record = self._producer.ring.geometry.max_record
+                if not self._fallback_settings:
+                    self.append = self._producer.append  # type: ignore[method-assign]
             except (OSError, RingError) as error:
                 self._retry_attach_at = time.monotonic() + ATTACH_RETRY_INTERVAL
                 logger.error("moesif_fast: cannot attach to the event ring (%s); events are "

@@ -34,13 +34,16 @@ CONTROL_WORDS = 19  # of a lane: TAIL .. CORRUPT_RESETS
 
 
 class Pair:
-    """Two rings driven alike: one through the compiled append, one through Python's."""
+    """Two rings driven alike: one through the compiled append (the producer's Appender once it
+    owns a lane, as in a worker), one through Python's."""
 
     def __init__(self, directory: str) -> None:
         self.rings = [RingFile.create(os.path.join(directory, name), GEOMETRY,
                                       locked_publish=False) for name in ("c", "python")]
         self.producers = [Producer(ring, preferred_lane=0) for ring in self.rings]
-        self.producers[1]._compiled_append = None
+        python = self.producers[1]
+        python._compiled_append = python._appender = None
+        del python.append  # the class's append, in Python throughout
         self.readers = [Reader(ring) for ring in self.rings]
 
     def append(self, record: bytes) -> bool:
@@ -161,6 +164,41 @@ def test_arguments_outside_the_mapping_are_refused(pair: Pair) -> None:
     with pytest.raises(BufferError):
         append(bytes(len(ring.bytes)), ring.control_word(0, 0), base, GEOMETRY.lane_capacity,
                100, 10, b"x")  # read-only memory
+
+
+def test_an_appender_appends_to_the_lane_it_owns_and_hands_records_over_otherwise(
+        pair: Pair) -> None:
+    ring, reader = pair.rings[0], pair.readers[0]
+    handed: list[bytes] = []
+    appender = producer_module._lane.Appender(handed.append)
+    lane = (ring.control_word(1, 0), ring.lane_offset(1), GEOMETRY.lane_capacity,
+            GEOMETRY.max_record, GEOMETRY.max_records)
+    assert appender(b"before") is None  # list.append's answer
+    appender.own(ring.bytes, *lane)
+    assert appender(b"owned") is True
+    assert appender(bytes(GEOMETRY.max_record + 1)) is False  # counted as oversize
+    appender.release()
+    assert appender(b"after") is None
+    assert handed == [b"before", b"after"]
+    assert reader.read(10, 1 << 20).records == [b"owned"]
+    assert ring.words[ring.control_word(1, DROPPED_OVERSIZE)] == 1
+
+
+def test_an_appender_refuses_a_lane_outside_the_mapping_and_keeps_handing_over(
+        pair: Pair) -> None:
+    ring = pair.rings[0]
+    handed: list[bytes] = []
+    appender = producer_module._lane.Appender(handed.append)
+    with pytest.raises(ValueError):
+        appender.own(ring.bytes, len(ring.words), ring.lane_offset(0), GEOMETRY.lane_capacity,
+                     100, 10)
+    with pytest.raises(BufferError):
+        appender.own(bytes(len(ring.bytes)), ring.control_word(0, 0), ring.lane_offset(0),
+                     GEOMETRY.lane_capacity, 100, 10)  # read-only memory
+    with pytest.raises(TypeError):
+        appender(b"one", b"two")
+    appender(b"still handed over")
+    assert handed == [b"still handed over"]
 
 
 @pytest.mark.skipif(PURE_PYTHON, reason="this whole run is pure Python already")

@@ -10,6 +10,11 @@ publishes the new tail with one release store, and counts the append; or it coun
 writes nothing (record over `max_record`, lane full in bytes or in `max_records`, or a lane in a
 state no producer leaves it in). True when published.
 
+`Appender(otherwise)` is a producer's `append` while it may own a lane: `own(...)` gives it the
+lane (append's first six arguments), `release()` takes it back. Called with a record, it
+appends it to the owned lane as `append` does, or, owning none, answers `otherwise(record)`.
+Other extensions append through it without a bytes object via the capsule `API` (_lane.h).
+
 The lane's words are shared with other processes and trusted for nothing: every position read
 is checked before it is used, so a damaged or hostile lane makes a counted drop, never a write
 outside the lane. The arguments are the producer's own (from the ring's validated geometry);
@@ -20,8 +25,11 @@ its comment below). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "_lane.h"
 
 /* layout.py: control words of a lane, record header, kinds, limits */
 enum { TAIL = 0, APPENDED = 2, DROPPED_FULL = 3, DROPPED_OVERSIZE = 4, HEAD = 16,
@@ -46,47 +54,40 @@ static void put_header(unsigned char *out, uint64_t size, int kind, uint64_t pos
     put_le(out + 8, position, 8);
 }
 
-static int argument(PyObject *value, Py_ssize_t *result)
+/* Where a lane is: its first control word and first data byte in the ring, its size, and the
+   ring's limits on one record and on a lane's unconsumed records. */
+typedef struct {
+    Py_ssize_t control, base, capacity, max_record, max_records;
+} Lane;
+
+/* Whether the lane lies inside the `ring_size` bytes at `ring`; ValueError set when not. */
+static int lane_inside(const Lane *where, const void *ring, Py_ssize_t ring_size)
 {
-    *result = PyLong_AsSsize_t(value);
-    return *result == -1 && PyErr_Occurred() ? -1 : 0;
+    Py_ssize_t control = where->control, base = where->base, capacity = where->capacity;
+    if (control < 0 || control > ring_size / 8 - CONTROL_WORDS || base < 0 || capacity < 64
+        || (capacity & (capacity - 1)) || base % 16 || base > ring_size - capacity
+        || where->max_record < 0 || where->max_records < 0 || ((uintptr_t)ring & 7)) {
+        PyErr_SetString(PyExc_ValueError, "append(): a lane outside the ring");
+        return 0;
+    }
+    return 1;
 }
 
-static PyObject *append(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* Write `size` bytes at `data` as one record in the lane, and publish it: 1 when published, 0
+   when dropped (counted in the lane), -1 (ValueError) when the lane is not inside `ring`. */
+static int lane_append(const Lane *where, void *ring, Py_ssize_t ring_size, const void *data,
+                       Py_ssize_t record_size)
 {
-    (void)module;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "append() takes 7 arguments");
-        return NULL;
-    }
-    Py_ssize_t control, base, capacity, max_record, max_records;
-    if (argument(args[1], &control) < 0 || argument(args[2], &base) < 0
-        || argument(args[3], &capacity) < 0 || argument(args[4], &max_record) < 0
-        || argument(args[5], &max_records) < 0)
-        return NULL;
-    Py_buffer ring, record;
-    if (PyObject_GetBuffer(args[0], &ring, PyBUF_WRITABLE) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(args[6], &record, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&ring);
-        return NULL;
-    }
-    PyObject *result = NULL;
-    if (control < 0 || control > ring.len / 8 - CONTROL_WORDS || base < 0 || capacity < 64
-        || (capacity & (capacity - 1)) || base % 16 || base > ring.len - capacity
-        || max_record < 0 || max_records < 0 || ((uintptr_t)ring.buf & 7)) {
-        PyErr_SetString(PyExc_ValueError, "append(): a lane outside the ring");
-        goto done;
-    }
-    uint64_t *words = (uint64_t *)ring.buf + control;
-    unsigned char *lane = (unsigned char *)ring.buf + base;
-    uint64_t size = (uint64_t)record.len;
-    if (size > (uint64_t)max_record) {
+    if (!lane_inside(where, ring, ring_size))
+        return -1;
+    uint64_t *words = (uint64_t *)ring + where->control;
+    unsigned char *lane = (unsigned char *)ring + where->base;
+    uint64_t size = (uint64_t)record_size;
+    if (size > (uint64_t)where->max_record) {
         words[DROPPED_OVERSIZE] += 1;
-        result = Py_NewRef(Py_False);
-        goto done;
+        return 0;
     }
-    uint64_t lane_bytes = (uint64_t)capacity;
+    uint64_t lane_bytes = (uint64_t)where->capacity;
     uint64_t tail = __atomic_load_n(&words[TAIL], __ATOMIC_RELAXED); /* this producer's own */
     uint64_t head = __atomic_load_n(&words[HEAD], __ATOMIC_ACQUIRE); /* the reader's */
     uint64_t appended = words[APPENDED];
@@ -97,25 +98,194 @@ static PyObject *append(PyObject *module, PyObject *const *args, Py_ssize_t narg
     /* a damaged lane (layout.lane_is_sane), or full: refused until the reader repairs it */
     if (tail < head || (tail | head) & 15 || tail >= POSITION_LIMIT
         || tail + pad + span - head > lane_bytes
-        || (appended >= consumed && appended - consumed >= (uint64_t)max_records)) {
+        || (appended >= consumed && appended - consumed >= (uint64_t)where->max_records)) {
         words[DROPPED_FULL] += 1;
-        result = Py_NewRef(Py_False);
-        goto done;
+        return 0;
     }
     if (pad) {
         put_header(lane + offset, pad - RECORD_HEADER_BYTES, KIND_PAD, tail);
         offset = 0;
     }
-    memcpy(lane + offset + RECORD_HEADER_BYTES, record.buf, (size_t)size);
+    memcpy(lane + offset + RECORD_HEADER_BYTES, data, (size_t)size);
     put_header(lane + offset, size, KIND_RECORD, tail + pad);
     __atomic_store_n(&words[TAIL], tail + pad + span, __ATOMIC_RELEASE); /* the publish */
     words[APPENDED] = appended + 1;
-    result = Py_NewRef(Py_True);
-done:
-    PyBuffer_Release(&record);
-    PyBuffer_Release(&ring);
-    return result;
+    return 1;
 }
+
+/* The lane's five numbers from Python integers at `args`. */
+static int lane_of(PyObject *const *args, Lane *where)
+{
+    Py_ssize_t *fields[5] = {&where->control, &where->base, &where->capacity,
+                             &where->max_record, &where->max_records};
+    for (int index = 0; index < 5; index++) {
+        *fields[index] = PyLong_AsSsize_t(args[index]);
+        if (*fields[index] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+/* lane_append into the writable buffer `ring` of a record given as bytes (or any buffer). */
+static PyObject *append_buffer(PyObject *ring, const Lane *where, PyObject *record)
+{
+    Py_buffer memory, data;
+    if (PyObject_GetBuffer(ring, &memory, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(record, &data, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&memory);
+        return NULL;
+    }
+    int published = lane_append(where, memory.buf, memory.len, data.buf, data.len);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&memory);
+    return published < 0 ? NULL : PyBool_FromLong(published);
+}
+
+static PyObject *append(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "append() takes 7 arguments");
+        return NULL;
+    }
+    Lane where;
+    return lane_of(args + 1, &where) < 0 ? NULL : append_buffer(args[0], &where, args[6]);
+}
+
+/* -- Appender: a producer's append, straight to its lane while it owns one ------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *otherwise; /* called with the record while no lane is owned */
+    PyObject *ring;      /* the owned lane's ring (a writable buffer), or NULL */
+    Lane lane;
+    vectorcallfunc vectorcall;
+} Appender;
+
+static PyTypeObject AppenderType;
+
+/* The record in `data` appended to the owned lane: 1 published, 0 dropped (counted), -1 error;
+   NOT_OWNED when no lane is owned (nothing done). For other extensions (the capsule). */
+static int appender_write(PyObject *appender, const char *data, Py_ssize_t size)
+{
+    Appender *self = (Appender *)appender;
+    if (self->ring == NULL)
+        return LANE_NOT_OWNED;
+    Py_buffer memory;
+    if (PyObject_GetBuffer(self->ring, &memory, PyBUF_WRITABLE) < 0)
+        return -1;
+    int published = lane_append(&self->lane, memory.buf, memory.len, data, size);
+    PyBuffer_Release(&memory);
+    return published;
+}
+
+static PyObject *appender_call(PyObject *callable, PyObject *const *args, size_t nargsf,
+                               PyObject *kwnames)
+{
+    Appender *self = (Appender *)callable;
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "an Appender takes one record");
+        return NULL;
+    }
+    if (self->ring == NULL)
+        return PyObject_CallOneArg(self->otherwise, args[0]);
+    return append_buffer(self->ring, &self->lane, args[0]);
+}
+
+static PyObject *appender_new(PyTypeObject *type, PyObject *arguments, PyObject *keywords)
+{
+    PyObject *otherwise;
+    if (!PyArg_ParseTuple(arguments, "O:Appender", &otherwise))
+        return NULL;
+    if (keywords != NULL && PyDict_GET_SIZE(keywords)) {
+        PyErr_SetString(PyExc_TypeError, "Appender() takes no keyword arguments");
+        return NULL;
+    }
+    Appender *self = (Appender *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->otherwise = Py_NewRef(otherwise);
+    self->ring = NULL;
+    self->vectorcall = appender_call;
+    return (PyObject *)self;
+}
+
+static PyObject *appender_own(PyObject *object, PyObject *const *args, Py_ssize_t nargs)
+{
+    Appender *self = (Appender *)object;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "own() takes 6 arguments");
+        return NULL;
+    }
+    Lane lane;
+    if (lane_of(args + 1, &lane) < 0)
+        return NULL;
+    Py_buffer memory; /* checked now, so that a bad lane fails here rather than per record */
+    if (PyObject_GetBuffer(args[0], &memory, PyBUF_WRITABLE) < 0)
+        return NULL;
+    int inside = lane_inside(&lane, memory.buf, memory.len);
+    PyBuffer_Release(&memory);
+    if (!inside)
+        return NULL;
+    self->lane = lane;
+    Py_XSETREF(self->ring, Py_NewRef(args[0]));
+    Py_RETURN_NONE;
+}
+
+static PyObject *appender_release(PyObject *object, PyObject *unused)
+{
+    (void)unused;
+    Py_CLEAR(((Appender *)object)->ring);
+    Py_RETURN_NONE;
+}
+
+static int appender_traverse(Appender *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->otherwise);
+    Py_VISIT(self->ring);
+    return 0;
+}
+
+static int appender_clear(Appender *self)
+{
+    Py_CLEAR(self->otherwise);
+    Py_CLEAR(self->ring);
+    return 0;
+}
+
+static void appender_dealloc(Appender *self)
+{
+    PyObject_GC_UnTrack(self);
+    appender_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef appender_methods[] = {
+    {"own", (PyCFunction)(void (*)(void))appender_own, METH_FASTCALL,
+     "own(ring, control, base, capacity, max_record, max_records): from now on, append to\n"
+     "this lane of `ring` (the arguments of append())."},
+    {"release", appender_release, METH_NOARGS,
+     "release(): from now on, hand each record to `otherwise`."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject AppenderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "moesif_fast.ringbuffer._lane.Appender",
+    .tp_doc = "Appender(otherwise): called with a record, appends it to the lane given to own()\n"
+              "as append() does and answers True (published) or False (dropped, counted); while\n"
+              "it owns no lane (before own(), after release()), answers otherwise(record).",
+    .tp_basicsize = sizeof(Appender),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = appender_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Appender, vectorcall),
+    .tp_traverse = (traverseproc)appender_traverse,
+    .tp_clear = (inquiry)appender_clear,
+    .tp_dealloc = (destructor)appender_dealloc,
+    .tp_methods = appender_methods,
+};
 
 /* scan(view, base, capacity, max_record, lane, position, tail, max_records, max_bytes, skip,
    batch) -> (position, taken, nbytes, damaged): the record loop of `Reader._read_lane`
@@ -298,13 +468,28 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "moesif_fast.ringbuffer._lane",
-    .m_doc = "A producer's append to its lane, and the reader's record loop, in C (see "
-             "producer.py and reader.py).",
+    .m_doc = "A producer's append to its lane (a function, and the Appender a producer holds), "
+             "and the reader's record loop, in C (see producer.py, reader.py and _lane.h).",
     .m_size = -1,
     .m_methods = methods,
 };
 
+static LaneAPI api = {&AppenderType, appender_write};
+
 PyMODINIT_FUNC PyInit__lane(void)
 {
-    return PyModule_Create(&module);
+    if (PyType_Ready(&AppenderType) < 0)
+        return NULL;
+    PyObject *self = PyModule_Create(&module);
+    if (self == NULL)
+        return NULL;
+    PyObject *capsule = PyCapsule_New(&api, LANE_API_CAPSULE, NULL);
+    if (capsule == NULL || PyModule_AddObjectRef(self, "API", capsule) < 0
+            || PyModule_AddObjectRef(self, "Appender", (PyObject *)&AppenderType) < 0) {
+        Py_XDECREF(capsule);
+        Py_DECREF(self);
+        return NULL;
+    }
+    Py_DECREF(capsule);
+    return self;
 }

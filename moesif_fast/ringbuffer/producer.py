@@ -18,8 +18,10 @@ counts, and a release store for the publish) when the extension is built, the ri
 with plain stores, and MOESIF_FAST_PURE_PYTHON is not 1; the Python code is the reference.
 Once this process owns a lane, such an append takes no lock: one call into C holding the GIL
 runs no Python code, so no other thread and no signal handler can run in the middle of it. The
-producer's `append` is then that C call itself (an instance attribute over the method, removed
-when the lane is released or after a fork), so the worker's append runs no Python frame.
+producer's `append` is then a compiled `_lane.Appender` (an instance attribute over the
+method): given the lane when this process claims it, released when it closes or forks, it hands
+records to the method while it owns none. So a worker's append runs no Python frame, and the
+object stays the same, for callers to keep.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ class Producer:
         self._words = ring.words
         self._locked_publish = ring.locked_publish
         self._compiled_append = None if _lane is None or ring.locked_publish else _lane.append
+        self._appender = None
+        if self._compiled_append is not None:  # the class's append behind it, on this producer
+            self._appender = self.append = _lane.Appender(partial(Producer.append, self))
         # (index of the lane's first control word, byte offset of its data) for every lane
         self._lanes = [(ring.control_word(lane, 0), ring.lane_offset(lane))
                        for lane in range(geometry.lane_count)]
@@ -85,7 +90,8 @@ class Producer:
         self._lock = threading.RLock()  # RLock: a signal handler re-entering does not deadlock
         self._appending = False
         self._lane: int | None = None
-        vars(self).pop("append", None)  # the compiled append to a lane owned before
+        if self._appender is not None:
+            self._appender.release()  # the lane of the process forked from
         self._lane_fd: int | None = None
         self._overflow_fd: int | None = None
         self._sync_fds: dict[int, int] = {}  # lane → its sync lock (locked-publish mode)
@@ -98,7 +104,8 @@ class Producer:
 
     def append(self, record: bytes) -> bool:
         """Append one record. True when it is published; False when it was dropped (counted).
-        Once this process owns a lane, the compiled append to it replaces this method."""
+        With the compiled append, the producer's `append` is an Appender in front of this
+        method (see the module docstring)."""
         with self._lock:
             if self._appending:  # re-entered from a signal handler in the middle of an append
                 self._count_nested_drop()
@@ -114,7 +121,8 @@ class Producer:
     def close(self) -> None:
         """Release this process's lane (it is also released when the process exits)."""
         with self._lock:
-            vars(self).pop("append", None)  # first: closing the lane's lock file releases it
+            if self._appender is not None:  # first: closing the lane's lock file releases it
+                self._appender.release()
             self._close_descriptors()
             self._lane_fd = self._overflow_fd = None
             self._sync_fds = {}
@@ -191,10 +199,9 @@ class Producer:
             if try_lock(fd):
                 self._lane, self._lane_fd = lane, fd
                 self._words[self.ring.control_word(lane, OWNER_PID)] = self._pid
-                if self._compiled_append is not None:
-                    self.append = partial(  # type: ignore[method-assign]
-                        self._compiled_append, self._bytes, *self._lanes[lane], self._capacity,
-                        self._max_record, self._max_records)
+                if self._appender is not None:
+                    self._appender.own(self._bytes, *self._lanes[lane], self._capacity,
+                                       self._max_record, self._max_records)
                 self._flush_busy_drops(lane)
                 return True
             os.close(fd)
