@@ -149,8 +149,9 @@ class MoesifMiddleware:
             except Exception:
                 self._capture_failed()
             return response
-        sampled = _sample_early(policy)
-        if not policy.governs():  # no governance: start() and finish() in line
+        sampled = True if policy.captures_all else _sample_early(policy)
+        if policy.captures_all or not policy.governs():  # no governance
+            # start() and finish(), without their general cases
             request_body = self._request_body(request) if sampled is not False else None
             request_time = _time_ns()
             response = self.get_response(request)
@@ -323,16 +324,16 @@ class MoesifMiddleware:
         resolved under ASGI (see _acall)."""
         if sampled is False:
             return  # sampled out before the view: no event, so no transaction id to name it
-        gathered: Gathered | bool | None = None
+        gathered: Gathered | bool | None
         if sampled and self._capturer is not None:  # kept before the view: the common case
             rate = policy.global_sample_rate
             gathered = self._capturer.capture(
                 request, response, request_time, request_body, user,
                 1 if rate >= FULL_RATE else Policy.weight(rate), blocked_by,
                 self._sink.max_record, self._sink.append)
-            if type(gathered) is bool:  # appended (or dropped, counted by the ring)
+            if type(gathered) is not tuple:  # appended (or dropped, counted by the ring)
                 return
-        if gathered is None:
+        else:
             gathered = self._gather(request, response, user, policy, sampled)
             if gathered is None:
                 return
