@@ -166,7 +166,7 @@ typedef struct {
 static PyTypeObject AppenderType;
 
 /* The record in `data` appended to the owned lane: 1 published, 0 dropped (counted), -1 error;
-   NOT_OWNED when no lane is owned (nothing done). For other extensions (the capsule). */
+   LANE_NOT_OWNED when no lane is owned (nothing done). For other extensions (the capsule). */
 static int appender_write(PyObject *appender, const char *data, Py_ssize_t size)
 {
     Appender *self = (Appender *)appender;
