@@ -5,15 +5,19 @@ cachegrind's simulated caches do not. This runs bench_middleware's call (a 1 KB 
 1 KB JSON answer) through the view alone and through the view behind the capture middleware,
 each with 0 and with REQUESTS requests after a warm-up, EVICT_BYTES written before each request,
 under `valgrind --tool=cachegrind` with a simulated 2 MiB last-level cache (this machine's L2
-per core: what the eviction empties), address randomisation off and a fixed hash seed. The
+per core), address randomisation off and a fixed hash seed. EVICT_BYTES is twice that cache:
+enough to empty it, where bench_middleware's 32 MiB (the real L3) would make each run 8 times
+slower under valgrind for the same emptied simulated cache. The
 per-request cost of each is (count with REQUESTS - count with 0) / REQUESTS, so start-up is
 left out; the ring is not drained and the interpreter not torn down within the count. It
 prints, per run, the instructions and last-level misses capture adds over the view alone.
 
     python benchmarks/cachegrind_capture.py [runs]        # needs valgrind and setarch
 
-Each run takes about a minute per configuration (four per run, two at a time); three runs
-agreed within 0.2 % here. Not a pytest benchmark: it measures
+Each run takes about a minute per configuration (four per run, two at a time); three runs of
+one build agreed within 0.2 % here. Between builds, the layout of memory moves the counts by up
+to ~700 instructions and ~10 misses per request (the view alone too, which runs none of the
+change): a difference smaller than that says nothing. Not a pytest benchmark: it measures
 nothing in time, and CI has no valgrind.
 """
 

@@ -87,9 +87,9 @@ def test_the_compiled_scan_reads_what_the_python_scan_reads(
     compiled, python = both(view, start, tail, max_records, max_bytes, skip)
     assert compiled == python
     for record, position in zip(compiled[1], compiled[3], strict=True):
-        start = BASE + position % CAPACITY + 16  # nothing from outside the lane: each record
-        assert start + len(record) <= BASE + CAPACITY  # is the lane's bytes after its header
-        assert view[start:start + len(record)] == record
+        data = BASE + position % CAPACITY + 16  # nothing from outside the lane: each record
+        assert data + len(record) <= BASE + CAPACITY  # is the lane's bytes after its header
+        assert view[data:data + len(record)] == record
 
 
 def test_a_well_formed_lane_is_read_whole_across_its_end() -> None:

@@ -126,19 +126,25 @@ static int lane_of(PyObject *const *args, Lane *where)
     return 0;
 }
 
-/* lane_append into the writable buffer `ring` of a record given as bytes (or any buffer). */
+/* lane_append into `ring`, an object exporting the ring's writable memory. */
+static int ring_append(PyObject *ring, const Lane *where, const void *data, Py_ssize_t size)
+{
+    Py_buffer memory;
+    if (PyObject_GetBuffer(ring, &memory, PyBUF_WRITABLE) < 0)
+        return -1;
+    int published = lane_append(where, memory.buf, memory.len, data, size);
+    PyBuffer_Release(&memory);
+    return published;
+}
+
+/* ring_append of a record given as bytes (or any buffer): True, False, or NULL on error. */
 static PyObject *append_buffer(PyObject *ring, const Lane *where, PyObject *record)
 {
-    Py_buffer memory, data;
-    if (PyObject_GetBuffer(ring, &memory, PyBUF_WRITABLE) < 0)
+    Py_buffer data;
+    if (PyObject_GetBuffer(record, &data, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (PyObject_GetBuffer(record, &data, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&memory);
-        return NULL;
-    }
-    int published = lane_append(where, memory.buf, memory.len, data.buf, data.len);
+    int published = ring_append(ring, where, data.buf, data.len);
     PyBuffer_Release(&data);
-    PyBuffer_Release(&memory);
     return published < 0 ? NULL : PyBool_FromLong(published);
 }
 
@@ -172,12 +178,7 @@ static int appender_write(PyObject *appender, const char *data, Py_ssize_t size)
     Appender *self = (Appender *)appender;
     if (self->ring == NULL)
         return LANE_NOT_OWNED;
-    Py_buffer memory;
-    if (PyObject_GetBuffer(self->ring, &memory, PyBUF_WRITABLE) < 0)
-        return -1;
-    int published = lane_append(&self->lane, memory.buf, memory.len, data, size);
-    PyBuffer_Release(&memory);
-    return published;
+    return ring_append(self->ring, &self->lane, data, size);
 }
 
 static PyObject *appender_call(PyObject *callable, PyObject *const *args, size_t nargsf,
