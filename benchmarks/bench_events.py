@@ -72,7 +72,7 @@ def batches(items: list[Any]) -> list[list[Any]]:
 
 def decode_python(records: list[list[bytes]]) -> list[list[CapturedCall]]:
     """`decode` over all records with the compiled decoder set aside: the pure-Python path."""
-    with mock.patch.object(record, "_compiled_decode", None):
+    with mock.patch.object(record, "compiled_decode", None):
         return [[decode(payload) for payload in batch] for batch in records]
 
 

@@ -1353,6 +1353,94 @@ static PyObject *Encoder_encode_into(Encoder *self, PyObject *const *args, Py_ss
     return result;
 }
 
+/* encode_records(payloads, lanes, positions, start, mark, decode, tag, piece, offset, count):
+   BatchWriter.add_records (event.py) in C. From payloads[start] on, for each record:
+   mark(lanes[i], positions[i]), then call = decode(payloads[i]); while the call is one this
+   encoder writes, of settings tag `tag` or 0, its event goes into `piece` at `offset`, after
+   "[" if `count` is 0, else ",". Answers (index, offset, count, decoded, text): `index` is the
+   first record left to the caller (len(payloads) when none is), `decoded` what `decode`
+   answered for it (NotImplemented when there is no such record), and `text` its event when it
+   was written but did not fit in the piece (else None). An error while writing an event is
+   not raised: the caller's way meets it again. */
+static PyObject *Encoder_encode_records(Encoder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[1])
+            || !PyList_CheckExact(args[2]) || !PyLong_CheckExact(args[3])
+            || !PyLong_CheckExact(args[6]) || !PyByteArray_CheckExact(args[7])
+            || !PyLong_CheckExact(args[8]) || !PyLong_CheckExact(args[9])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "encode_records(payloads: list, lanes: list, positions: list, start: int, "
+                        "mark, decode, tag: int, piece: bytearray, offset: int, count: int)");
+        return NULL;
+    }
+    PyObject *payloads = args[0], *lanes = args[1], *positions = args[2];
+    PyObject *mark = args[4], *decode = args[5], *piece = args[7];
+    Py_ssize_t index = PyLong_AsSsize_t(args[3]);
+    long long tag = PyLong_AsLongLong(args[6]);
+    Py_ssize_t offset = PyLong_AsSsize_t(args[8]);
+    Py_ssize_t count = PyLong_AsSsize_t(args[9]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (index < 0 || offset < 0 || offset > PyByteArray_GET_SIZE(piece) || count < 0) {
+        PyErr_SetString(PyExc_ValueError, "start, offset or count out of range");
+        return NULL;
+    }
+    PyObject *decoded = Py_NewRef(Py_NotImplemented), *text = NULL;
+    for (; index < PyList_GET_SIZE(payloads); index++) {
+        if (index >= PyList_GET_SIZE(lanes) || index >= PyList_GET_SIZE(positions)) {
+            PyErr_SetString(PyExc_ValueError, "fewer lanes or positions than payloads");
+            goto error;
+        }
+        /* owned: mark and decode may be any callables, changing the lists */
+        PyObject *place[2] = {Py_NewRef(PyList_GET_ITEM(lanes, index)),
+                              Py_NewRef(PyList_GET_ITEM(positions, index))};
+        PyObject *payload = Py_NewRef(PyList_GET_ITEM(payloads, index));
+        PyObject *marked = PyObject_Vectorcall(mark, place, 2, NULL);
+        Py_DECREF(place[0]);
+        Py_DECREF(place[1]);
+        if (marked != NULL) {
+            Py_DECREF(marked);
+            Py_SETREF(decoded, PyObject_Vectorcall(decode, &payload, 1, NULL));
+        }
+        Py_DECREF(payload);
+        if (marked == NULL || decoded == NULL)
+            goto error;
+        if (!PyTuple_Check(decoded) || PyTuple_GET_SIZE(decoded) != self->field_count)
+            break;
+        PyObject *call_tag = PyTuple_GET_ITEM(decoded, self->field_count - 1);
+        int overflow = 0;
+        long long value = PyLong_CheckExact(call_tag)
+                          ? PyLong_AsLongLongAndOverflow(call_tag, &overflow) : -1;
+        if (overflow != 0 || (value != tag && value != 0))
+            break;
+        Buffer buffer;
+        buffer_init(&buffer);
+        int status = encode_to_buffer(self, decoded, &buffer);
+        if (status == OK && buffer.length < PyByteArray_GET_SIZE(piece) - offset) {
+            char *at = PyByteArray_AS_STRING(piece) + offset;
+            at[0] = count == 0 ? '[' : ',';
+            memcpy(at + 1, buffer.data, (size_t)buffer.length);
+            offset += 1 + buffer.length;
+            count++;
+        } else if (status == OK) {
+            text = PyBytes_FromStringAndSize(buffer.data, buffer.length);
+        } else if (status == ERROR) {
+            PyErr_Clear();
+        }
+        buffer_free(&buffer);
+        if (status != OK || text != NULL)
+            break;
+        Py_SETREF(decoded, Py_NewRef(Py_NotImplemented));
+    }
+    if (PyErr_Occurred())
+        goto error;
+    return Py_BuildValue("(nnnNN)", index, offset, count, decoded, text ? text : Py_NewRef(Py_None));
+error:
+    Py_XDECREF(decoded);
+    Py_XDECREF(text);
+    return NULL;
+}
+
 /* --- the type ------------------------------------------------------------------------------ */
 
 static int check_str_tuple(PyObject *tuple, const char *what)
@@ -1503,6 +1591,9 @@ static PyMethodDef Encoder_methods[] = {
      "encode_into(call, piece, offset, prefix) -> int | bytes | None: `prefix` and encode(call)\n"
      "written into the bytearray `piece` at `offset`, giving the offset after them; the text\n"
      "when it does not fit there; None to use the Python path."},
+    {"encode_records", (PyCFunction)(void (*)(void))Encoder_encode_records, METH_FASTCALL,
+     "encode_records(payloads, lanes, positions, start, mark, decode, tag, piece, offset, count)\n"
+     "-> (index, offset, count, decoded, text): see BatchWriter.add_records."},
     {NULL, NULL, 0, NULL},
 };
 

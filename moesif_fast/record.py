@@ -93,7 +93,7 @@ class CapturedCall(NamedTuple):
 
 
 FIELD_COUNT = len(CapturedCall._fields)
-_compiled_decode = None if _recorddecode is None else _recorddecode.Decoder(CapturedCall).decode
+compiled_decode = None if _recorddecode is None else _recorddecode.Decoder(CapturedCall).decode
 """The compiled `decode` of the common CALL_V4 record (docs/compiled.md): the same CapturedCall,
 or NotImplemented for any payload it leaves to the Python path; None when not in use."""
 _TYPED_FIELDS = itemgetter(*range(12), 16, 17, 18)
@@ -213,8 +213,8 @@ def decode(payload: bytes) -> CapturedCall | EntityUpdate | None:
     freed when the record is refused.
 
     The compiled decoder, when in use, answers first for the common call record."""
-    if _compiled_decode is not None:
-        call = _compiled_decode(payload)
+    if compiled_decode is not None:
+        call = compiled_decode(payload)
         if call is not NotImplemented:
             return call
     kind = payload[:1]

@@ -6,6 +6,7 @@ out. Fuzzed with hypothesis over hostile calls, a few seconds per property."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import gc
 import gzip
 import importlib.util
@@ -23,8 +24,9 @@ from hypothesis import strategies as st
 from pure_python import printed_forced_and_default
 
 from moesif_fast import event as event_module
-from moesif_fast.event import EventBuilder, EventDropped
-from moesif_fast.record import CapturedCall, decode, encode_call, header_columns
+from moesif_fast import record as record_module
+from moesif_fast.event import BatchWriter, EventBuilder, EventDropped
+from moesif_fast.record import CapturedCall, decode, encode_call, encode_entity, header_columns
 from moesif_fast.settings import MoesifOptions
 
 BUILT = importlib.util.find_spec("moesif_fast._eventjson") is not None
@@ -64,6 +66,7 @@ class Builders:
         self.fast = EventBuilder(options)
         self.pure = EventBuilder(options)
         self.pure._compiled_encode = self.pure._compiled_encode_into = None
+        self.pure.compiled_encode_records = None
 
     def compiled(self, call: CapturedCall) -> bytes | None:
         assert self.fast._compiled_encode is not None
@@ -275,6 +278,112 @@ def test_encode_into_falls_back_on_none_and_checks_its_piece() -> None:
         encode_into(call, piece, 0)
     assert piece == b"." * 10_000
     assert encode_into(call, piece, 10_000, 0) == builders.pure.encode(call)  # no room at all
+
+
+def written_by_add_records(builder: EventBuilder, payloads: list[bytes], tag: int
+                           ) -> tuple[bytes, list[int], list[tuple[int, Any]]]:
+    """The batch the shipper's loop writes from `payloads` (ring positions 0, 1, ...):
+    `add_records` first, `add` for what it leaves; the places marked in order, and each record
+    left with what add_records answered for it."""
+    writer = BatchWriter(builder)
+    pieces: list[bytes] = []
+    writer.start(lambda piece: pieces.append(bytes(piece)))
+    marked: list[int] = []
+    left: list[tuple[int, Any]] = []
+    count = len(payloads)
+    index = 0
+    while True:
+        index, decoded = writer.add_records(
+            payloads, [7] * count, list(range(count)), index,
+            lambda lane, position: marked.append(position), record_module.compiled_decode, tag)
+        if index == count:
+            break
+        left.append((index, decoded))
+        call = decode(payloads[index]) if decoded is NotImplemented else decoded
+        if isinstance(call, CapturedCall):
+            with contextlib.suppress(EventDropped):
+                writer.add(call)
+        index += 1
+    writer.finish()
+    return b"".join(pieces), marked, left
+
+
+def written_by_add(builder: EventBuilder, payloads: list[bytes]) -> bytes:
+    writer = BatchWriter(builder)
+    pieces: list[bytes] = []
+    writer.start(lambda piece: pieces.append(bytes(piece)))
+    for payload in payloads:
+        call = decode(payload)
+        if isinstance(call, CapturedCall):
+            with contextlib.suppress(EventDropped):
+                writer.add(call)
+    writer.finish()
+    return b"".join(pieces)
+
+
+@compiled_only
+def test_add_records_writes_the_batch_add_writes_and_leaves_the_others_to_it() -> None:
+    def common(number: int, **fields: Any) -> CapturedCall:
+        return make_call(request_headers=META, request_body=JSON_BODY,
+                         response_body=b'{"n": %d}' % number, transaction_id=f"t-{number}",
+                         **fields)
+
+    entity = encode_entity("user", {"user_id": "u-1"})
+    tagged, untagged = common(1)._replace(settings_tag=5), common(2)
+    other_tag = common(3)._replace(settings_tag=6)
+    dropped = make_call(direction="Sideways")  # the Python path drops it
+    unproven = make_call(request_body=b"[1e999]")  # a JSON body C does not prove copyable
+    too_big = make_call(request_body=b"x" * (event_module.PIECE_BYTES + 10))  # past a piece
+    calls = {1: tagged, 2: untagged, 3: other_tag, 5: dropped, 6: unproven, 8: too_big}
+    payloads = [entity if number == 0 else b"F\x00 not a record" if number == 4
+                else encode_call(tuple(calls.get(number) or common(number)))
+                for number in range(40)]  # the common ones overflow the piece in between
+    builders = Builders(MoesifOptions())
+    with mock.patch.object(uuid, "uuid4", lambda: uuid.UUID(int=7)):
+        written, marked, left = written_by_add_records(builders.fast, payloads, tag=5)
+        expected = written_by_add(builders.pure, payloads)
+    assert written == expected
+    assert len(json.loads(expected)) == 40 - 3  # not the profile update, garbage, dropped
+    assert marked == list(range(40))  # each record once, before it is decoded
+    assert [index for index, _ in left] == [0, 3, 4, 5, 6]
+    assert [type(decoded) for _, decoded in left] == [  # NotImplemented: decode in Python
+        type(NotImplemented), CapturedCall, type(NotImplemented), CapturedCall, CapturedCall]
+    assert left[1][1] == other_tag and left[3][1] == dropped
+    with mock.patch.object(uuid, "uuid4", lambda: uuid.UUID(int=7)):  # no compiled encoder:
+        assert written_by_add_records(builders.pure, payloads, tag=5) == (  # it leaves them all
+            expected, [], [(index, NotImplemented) for index in range(40)])
+
+
+@compiled_only
+def test_add_records_raises_what_mark_or_decode_raise_and_checks_its_arguments() -> None:
+    payloads = [encode_call(tuple(make_call(request_body=b"text")))] * 3
+    places = [0, 0, 0]
+    writer = BatchWriter(EventBuilder(MoesifOptions()))
+    writer.start(lambda piece: None)
+    decode_in_c = record_module.compiled_decode
+
+    def refuse(lane: int, position: int) -> None:
+        raise OSError("the ring's header is gone")
+
+    with pytest.raises(OSError):
+        writer.add_records(payloads, places, places, 0, refuse, decode_in_c, 0)
+    with pytest.raises(ZeroDivisionError):
+        writer.add_records(payloads, places, places, 0, max, lambda payload: 1 / 0, 0)
+    assert writer.count == 0
+    for lanes, start in [(tuple(places), 0), (places, -1)]:
+        with pytest.raises((ValueError, TypeError)):
+            writer.add_records(payloads, lanes, places, start, max, decode_in_c, 0)
+    with pytest.raises(ValueError):  # fewer positions than records, found at the second:
+        writer.add_records(payloads, places, places[:1], 0, max, decode_in_c, 0)
+    assert writer.count == 0  # nothing of a call that raised is in the batch
+
+    def shrink(lane: int, position: int) -> None:  # callbacks may change the lists
+        payloads.pop()
+        places.pop()
+
+    assert writer.add_records(payloads, places, [0, 0, 0], 0, shrink, decode_in_c, 0) == (
+        2, NotImplemented)  # the records it held, written; then the list had ended
+    assert (writer.count, len(payloads), places) == (2, 1, [0])
 
 
 @compiled_only

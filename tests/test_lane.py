@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -24,6 +25,9 @@ from moesif_fast.ringbuffer.layout import (
     DROPPED_OVERSIZE,
     HEAD,
     TAIL,
+    WORD_DECODING_LANE,
+    WORD_DECODING_POSITION,
+    WORD_READER_HEARTBEAT,
 )
 
 pytestmark = pytest.mark.skipif(producer_module._lane is None,
@@ -45,6 +49,7 @@ class Pair:
         python._compiled_append = python._appender = None
         del python.append  # the class's append, in Python throughout
         self.readers = [Reader(ring) for ring in self.rings]
+        del self.readers[1].mark, self.readers[1].clear_mark  # the class's, in Python
 
     def append(self, record: bytes) -> bool:
         results = [producer.append(record) for producer in self.producers]
@@ -199,6 +204,42 @@ def test_an_appender_refuses_a_lane_outside_the_mapping_and_keeps_handing_over(
         appender(b"one", b"two")
     appender(b"still handed over")
     assert handed == [b"still handed over"]
+
+
+def test_a_reader_marks_in_c_what_it_marks_in_python(pair: Pair) -> None:
+    marked_words = [WORD_DECODING_LANE, WORD_DECODING_POSITION]
+    assert type(pair.readers[0].mark) is producer_module._lane.Marker
+    for step, place in enumerate([(0, 5), (0, 9), (1, 9), (2, 0), (2, 2**63), (0, 0), None,
+                                  (1, 3), None, None, (1, 4)]):  # None: clear the mark
+        for reader in pair.readers:
+            before = time.time_ns()
+            if place is None:
+                reader.clear_mark()
+            else:
+                reader.mark(*place)
+                assert before <= reader.ring.words[WORD_READER_HEARTBEAT] <= time.time_ns()
+        c_ring, python_ring = pair.rings
+        assert [c_ring.words[word] for word in marked_words] == \
+            [python_ring.words[word] for word in marked_words], step
+
+
+def test_a_marker_refuses_words_outside_its_memory(pair: Pair) -> None:
+    ring = pair.rings[0]
+    marker = producer_module._lane.Marker(ring.words, len(ring.words), 0, 1)
+    with pytest.raises(ValueError):
+        marker(0, 1)
+    with pytest.raises(ValueError):
+        marker.clear()
+    with pytest.raises(ValueError):
+        producer_module._lane.Marker(ring.words, -1, 0, 1)
+    read_only = producer_module._lane.Marker(bytes(64), 0, 1, 2)
+    with pytest.raises(BufferError):
+        read_only(0, 1)
+    marker = producer_module._lane.Marker(ring.words, 0, 1, 2)
+    for arguments, error in [((0,), TypeError), ((-1, 0), OverflowError),
+                             ((0, 2**64), OverflowError), ((0, "1"), TypeError)]:
+        with pytest.raises(error):
+            marker(*arguments)
 
 
 @pytest.mark.skipif(PURE_PYTHON, reason="this whole run is pure Python already")

@@ -64,6 +64,28 @@ def mask(event):
 
 MOESIF_MIDDLEWARE = {**DEMO_OPTIONS, "MASK_EVENT_MODEL": mask}
 '''
+ENCODER_SETTINGS_MODULE = "poison_encoder_settings"
+ENCODER_SETTINGS = '''\
+"""The example API's settings, and a crash while the event of a request with an X-Crash header
+is built: no MASK_EVENT_MODEL, so that the shipper builds events in C where it is compiled (the
+encoder asks the builder for the header's name, once)."""
+
+import ctypes
+
+from moesif_fast.demo.settings import *  # noqa: F403
+from moesif_fast.event import EventBuilder
+
+header_name = EventBuilder._incoming_header_name
+
+
+def crashing_header_name(builder, meta_key):
+    if meta_key == "HTTP_X_CRASH":
+        ctypes.string_at(0)  # reads address 0: SIGSEGV, in this thread, now
+    return header_name(builder, meta_key)
+
+
+EventBuilder._incoming_header_name = crashing_header_name
+'''
 
 
 def make_ring(directory: Path) -> RingFile:
@@ -276,22 +298,27 @@ def test_the_poison_table_keeps_the_latest_records(tmp_path: Path) -> None:
 
 def call_record(lane: int, number: int, kind: str = "items") -> bytes:
     """The record of a GET whose URI names its lane and number (and, for "crash" and "hang",
-    makes the test settings' MASK_EVENT_MODEL crash or hang the shipper)."""
+    makes the test settings' MASK_EVENT_MODEL crash or hang the shipper; for "crash-header", it
+    carries the header that crashes the encoder settings' shipper, and no metadata: a record
+    the compiled decoder reads, so that the crash is in `BatchWriter.add_records`)."""
     time_ns = T0_NS + lane * 1_000_000_000 + number * 1_000_000
+    crash = [("HTTP_X_CRASH", "1")] if kind == "crash-header" else []
     return encode_call((
         "Incoming", time_ns, time_ns + 2_000_000, "GET",
         f"http://api.example.com/{kind}/{lane}-{number}?q=1",
-        header_columns([("HTTP_HOST", "api.example.com"), ("HTTP_X_LANE", str(lane))]),
+        header_columns([("HTTP_HOST", "api.example.com"), ("HTTP_X_LANE", str(lane)), *crash]),
         "203.0.113.9", None, 200, (("Content-Type", "application/json"),),
         json.dumps({"lane": lane, "number": number}).encode(), f"tx-{lane}-{number}",
-        f"user-{lane}", None, None, {"number": number, "tags": ["a"]}, 1, None, 0))
+        f"user-{lane}", None, None, None if crash else {"number": number, "tags": ["a"]}, 1,
+        None, 0))
 
 
 @pytest.fixture
 def deployment(workspace: Path, collector: Collector) -> Iterator[dict[str, Any]]:
-    """A ring, a settings module with the crashing mask, and the environment for shippers."""
+    """A ring, the settings modules that crash shippers, and the environment for shippers."""
     (workspace / "settings").mkdir()
     (workspace / "settings" / f"{SETTINGS_MODULE}.py").write_text(SETTINGS)
+    (workspace / "settings" / f"{ENCODER_SETTINGS_MODULE}.py").write_text(ENCODER_SETTINGS)
     ring = make_ring(workspace)
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("DJANGO_SETTINGS_MODULE", "MOESIF_FAST_RING")}
@@ -305,10 +332,10 @@ def deployment(workspace: Path, collector: Collector) -> Iterator[dict[str, Any]
     ring.close()
 
 
-def ship(deployment: dict[str, Any], *extra: str, log: str = "shipper.log"
-         ) -> subprocess.Popen[str]:
+def ship(deployment: dict[str, Any], *extra: str, log: str = "shipper.log",
+         settings: str = SETTINGS_MODULE) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "moesif_fast", "ship", "--ring", deployment["ring"].path,
-               "--settings", SETTINGS_MODULE, *extra]
+               "--settings", settings, *extra]
     with open(deployment["workspace"] / log, "a") as output:
         return subprocess.Popen(command, env=deployment["environment"], stdout=output,
                                 stderr=output, stdin=subprocess.DEVNULL, text=True)
@@ -347,10 +374,11 @@ def shipper_counters(ring: RingFile) -> dict[str, Any]:
         return {}
 
 
-def ship_until_delivered(deployment: dict[str, Any], delivered: int) -> dict[str, Any]:
+def ship_until_delivered(deployment: dict[str, Any], delivered: int,
+                         settings: str = SETTINGS_MODULE) -> dict[str, Any]:
     """Run a shipper until its counters show `delivered` events, then stop it (SIGTERM: a
     shipper with --idle-exit would remove its counters with the ring); its last counters."""
-    shipper = ship(deployment)
+    shipper = ship(deployment, settings=settings)
     try:
         wait_until(lambda: (counters := shipper_counters(deployment["ring"])).get("pid")
                    == shipper.pid and counters["delivered"] >= delivered, 180,
@@ -378,21 +406,27 @@ def test_a_shipper_skips_the_record_the_ring_header_marks(deployment: dict[str, 
     assert ring.stats().records_in_use == 0 and ring.words[WORD_DECODING_LANE] == 0
 
 
+@pytest.mark.parametrize("kind, settings", [
+    ("crash", SETTINGS_MODULE), ("crash-header", ENCODER_SETTINGS_MODULE)],
+    ids=["in-mask-event-model", "in-the-encoder"])
 def test_a_record_that_crashes_two_shippers_is_skipped_by_the_next(
-        deployment: dict[str, Any]) -> None:
+        deployment: dict[str, Any], kind: str, settings: str) -> None:
+    """Crashing in MASK_EVENT_MODEL, and while the event is built without it: where the
+    extensions are compiled, in the one call that decodes and builds the batch's events in C
+    (`BatchWriter.add_records`), which marks each record itself."""
     ring, collector = deployment["ring"], deployment["collector"]
-    expected = fill_calls(ring, (2, 1), "crash")
+    expected = fill_calls(ring, (2, 1), kind)
 
     crash_at = (2, record_span(len(call_record(2, 0))))  # the second record of lane 2
     for _ in range(2):  # the first death makes it a suspect only: it is read again
-        crashed = ship(deployment)
+        crashed = ship(deployment, settings=settings)
         assert crashed.wait(timeout=180) == -signal.SIGSEGV
         assert (ring.words[WORD_DECODING_LANE] - 1,
                 ring.words[WORD_DECODING_POSITION]) == crash_at
         assert ring.words[WORD_POISON_COUNT] == 0
     assert (ring.words[WORD_SUSPECT_LANE] - 1, ring.words[WORD_SUSPECT_POSITION]) == crash_at
 
-    assert ship_until_delivered(deployment, len(expected))["poison"] == 1
+    assert ship_until_delivered(deployment, len(expected), settings)["poison"] == 1
     assert_delivered_field_by_field(collector, expected)
     log = (deployment["workspace"] / "shipper.log").read_text()
     assert "skipped the ring record at lane {}, position {}".format(*crash_at) in log

@@ -34,7 +34,7 @@ from moesif_fast.record import (
 
 BUILT = importlib.util.find_spec("moesif_fast._recorddecode") is not None
 compiled_only = pytest.mark.skipif(
-    record._compiled_decode is None,
+    record.compiled_decode is None,
     reason="no compiled path to compare: moesif_fast._recorddecode is not built (no compiler "
            "at install time) or MOESIF_FAST_PURE_PYTHON=1",
 )
@@ -77,13 +77,13 @@ WELL_FORMED = packed(make_fields())
 
 def compiled(payload: Any) -> Any:
     """The extension's own answer: a CapturedCall, or NotImplemented."""
-    assert record._compiled_decode is not None
-    return record._compiled_decode(payload)
+    assert record.compiled_decode is not None
+    return record.compiled_decode(payload)
 
 
 def python_decode(payload: Any) -> Any:
     """`record.decode` with the compiled decoder out of the way: the reference."""
-    with mock.patch.object(record, "_compiled_decode", None):
+    with mock.patch.object(record, "compiled_decode", None):
         return decode(payload)
 
 
@@ -198,7 +198,7 @@ def test_short_strings_are_shared_between_records_and_still_decode_as_python_doe
 
 @compiled_only
 def test_a_dropped_decoder_releases_its_strings() -> None:
-    decoder = type(record._compiled_decode.__self__)(CapturedCall)
+    decoder = type(record.compiled_decode.__self__)(CapturedCall)
     call = decoder.decode(encode_call(make_fields(request_headers=[("HTTP_X_DROPPED", "v")])))
     name = call.request_headers[0][0]
     del call
@@ -218,8 +218,8 @@ def test_a_decoded_call_is_left_out_of_the_garbage_collector() -> None:
 @compiled_only
 def test_record_decode_asks_the_compiled_decoder_first() -> None:
     payload = encode_call(make_fields())
-    with mock.patch.object(record, "_compiled_decode",
-                           mock.Mock(wraps=record._compiled_decode)) as spy:
+    with mock.patch.object(record, "compiled_decode",
+                           mock.Mock(wraps=record.compiled_decode)) as spy:
         call = decode(payload)
     spy.assert_called_once_with(payload)
     assert exact(call) == exact(python_decode(payload))
@@ -227,7 +227,7 @@ def test_record_decode_asks_the_compiled_decoder_first() -> None:
 
 @compiled_only
 def test_the_decoder_takes_only_a_record_type_of_the_right_shape() -> None:
-    decoder_type = type(record._compiled_decode.__self__)
+    decoder_type = type(record.compiled_decode.__self__)
     with pytest.raises(TypeError):
         decoder_type(dict)
     with pytest.raises(ValueError):
@@ -478,7 +478,7 @@ def test_reference_counts_and_memory_are_stable() -> None:
 
 PROBE = (
     "import sys; from moesif_fast import record;"
-    "print(record._compiled_decode is None, 'moesif_fast._recorddecode' in sys.modules)"
+    "print(record.compiled_decode is None, 'moesif_fast._recorddecode' in sys.modules)"
 )
 
 

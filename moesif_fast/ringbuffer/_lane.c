@@ -21,13 +21,14 @@ outside the lane. The arguments are the producer's own (from the ring's validate
 they are still checked against the mapping's size. See layout.py for the format.
 
 `scan(...)` is the reader's side: the loop of `Reader._read_lane` over a lane's records (see
-its comment below). */
+its comment below); `Marker(...)`, the reader's `mark` of the record it decodes. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #include "_lane.h"
 
@@ -288,6 +289,163 @@ static PyTypeObject AppenderType = {
     .tp_methods = appender_methods,
 };
 
+/* -- Marker: the reader's mark, in C ------------------------------------------------------- */
+
+/* Marker(words, lane_word, position_word, heartbeat_word): `Reader.mark` (reader.py, the Python
+   reference) for the ring header whose 8-byte words `words` exports (writable), called once
+   per record the shipper decodes; its `clear()` is `Reader.clear_mark`. The same stores in the
+   same order: where the lane changes, the lane word is zeroed, the position stored, then the
+   lane + 1, so that a process killed between two stores leaves no mark or a whole one; then the
+   heartbeat (time.time_ns()). */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *words;
+    Py_ssize_t lane_word, position_word, heartbeat_word;
+    long long marked_lane; /* the lane whose number is stored, -1 for none */
+    vectorcallfunc vectorcall;
+} Marker;
+
+/* The header's words as a writable buffer holding `word` (and every word below), 8-aligned. */
+static uint64_t *marker_words(Marker *self, Py_buffer *memory, Py_ssize_t word)
+{
+    if (PyObject_GetBuffer(self->words, memory, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (memory->len / 8 <= word || (uintptr_t)memory->buf % 8 != 0) {
+        PyBuffer_Release(memory);
+        PyErr_SetString(PyExc_ValueError, "the marker's words are outside the header");
+        return NULL;
+    }
+    return (uint64_t *)memory->buf;
+}
+
+static PyObject *marker_call(PyObject *callable, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames)
+{
+    Marker *self = (Marker *)callable;
+    if (PyVectorcall_NARGS(nargsf) != 2 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a Marker takes a lane and a position");
+        return NULL;
+    }
+    unsigned long long lane = PyLong_AsUnsignedLongLong(args[0]);
+    if (lane == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long position = PyLong_AsUnsignedLongLong(args[1]);
+    if (position == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (lane >= LLONG_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "lane too large");
+        return NULL;
+    }
+    struct timespec now;
+    if (clock_gettime(CLOCK_REALTIME, &now) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_ssize_t highest = self->lane_word;
+    if (self->position_word > highest)
+        highest = self->position_word;
+    if (self->heartbeat_word > highest)
+        highest = self->heartbeat_word;
+    Py_buffer memory;
+    uint64_t *words = marker_words(self, &memory, highest);
+    if (words == NULL)
+        return NULL;
+    if ((long long)lane != self->marked_lane) {
+        __atomic_store_n(&words[self->lane_word], 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&words[self->position_word], position, __ATOMIC_RELEASE);
+        __atomic_store_n(&words[self->lane_word], lane + 1, __ATOMIC_RELEASE);
+        self->marked_lane = (long long)lane;
+    } else {
+        __atomic_store_n(&words[self->position_word], position, __ATOMIC_RELEASE);
+    }
+    __atomic_store_n(&words[self->heartbeat_word],
+                     (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec,
+                     __ATOMIC_RELEASE);
+    PyBuffer_Release(&memory);
+    Py_RETURN_NONE;
+}
+
+static PyObject *marker_new(PyTypeObject *type, PyObject *arguments, PyObject *keywords)
+{
+    PyObject *words;
+    Py_ssize_t lane_word, position_word, heartbeat_word;
+    if (!PyArg_ParseTuple(arguments, "Onnn:Marker", &words, &lane_word, &position_word,
+                          &heartbeat_word))
+        return NULL;
+    if (keywords != NULL && PyDict_GET_SIZE(keywords)) {
+        PyErr_SetString(PyExc_TypeError, "Marker() takes no keyword arguments");
+        return NULL;
+    }
+    if (lane_word < 0 || position_word < 0 || heartbeat_word < 0) {
+        PyErr_SetString(PyExc_ValueError, "word numbers must not be negative");
+        return NULL;
+    }
+    Marker *self = (Marker *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->words = Py_NewRef(words);
+    self->lane_word = lane_word;
+    self->position_word = position_word;
+    self->heartbeat_word = heartbeat_word;
+    self->marked_lane = -1;
+    self->vectorcall = marker_call;
+    return (PyObject *)self;
+}
+
+static PyObject *marker_clear_mark(PyObject *object, PyObject *unused)
+{
+    (void)unused;
+    Marker *self = (Marker *)object;
+    Py_buffer memory;
+    uint64_t *words = marker_words(self, &memory, self->lane_word);
+    if (words == NULL)
+        return NULL;
+    __atomic_store_n(&words[self->lane_word], 0, __ATOMIC_RELEASE);
+    self->marked_lane = -1;
+    PyBuffer_Release(&memory);
+    Py_RETURN_NONE;
+}
+
+static int marker_traverse(Marker *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->words);
+    return 0;
+}
+
+static int marker_clear(Marker *self)
+{
+    Py_CLEAR(self->words);
+    return 0;
+}
+
+static void marker_dealloc(Marker *self)
+{
+    PyObject_GC_UnTrack(self);
+    marker_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef marker_methods[] = {
+    {"clear", marker_clear_mark, METH_NOARGS,
+     "clear(): no record is being decoded any more (Reader.clear_mark)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject MarkerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "moesif_fast.ringbuffer._lane.Marker",
+    .tp_doc = "Marker(words, lane_word, position_word, heartbeat_word): called with (lane,\n"
+              "position), names that record in the ring's header as Reader.mark does.",
+    .tp_basicsize = sizeof(Marker),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = marker_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Marker, vectorcall),
+    .tp_traverse = (traverseproc)marker_traverse,
+    .tp_clear = (inquiry)marker_clear,
+    .tp_dealloc = (destructor)marker_dealloc,
+    .tp_methods = marker_methods,
+};
+
 /* scan(view, base, capacity, max_record, lane, position, tail, max_records, max_bytes, skip,
    batch) -> (position, taken, nbytes, damaged): the record loop of `Reader._read_lane`
    (reader.py, whose `_scan_lane` is the Python reference), in C: it costs about
@@ -470,7 +628,8 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "moesif_fast.ringbuffer._lane",
     .m_doc = "A producer's append to its lane (a function, and the Appender a producer holds), "
-             "and the reader's record loop, in C (see producer.py, reader.py and _lane.h).",
+             "and the reader's record loop and mark, in C (see producer.py, reader.py and "
+             "_lane.h).",
     .m_size = -1,
     .m_methods = methods,
 };
@@ -479,14 +638,15 @@ static LaneAPI api = {&AppenderType, appender_write};
 
 PyMODINIT_FUNC PyInit__lane(void)
 {
-    if (PyType_Ready(&AppenderType) < 0)
+    if (PyType_Ready(&AppenderType) < 0 || PyType_Ready(&MarkerType) < 0)
         return NULL;
     PyObject *self = PyModule_Create(&module);
     if (self == NULL)
         return NULL;
     PyObject *capsule = PyCapsule_New(&api, LANE_API_CAPSULE, NULL);
     if (capsule == NULL || PyModule_AddObjectRef(self, "API", capsule) < 0
-            || PyModule_AddObjectRef(self, "Appender", (PyObject *)&AppenderType) < 0) {
+            || PyModule_AddObjectRef(self, "Appender", (PyObject *)&AppenderType) < 0
+            || PyModule_AddObjectRef(self, "Marker", (PyObject *)&MarkerType) < 0) {
         Py_XDECREF(capsule);
         Py_DECREF(self);
         return NULL;

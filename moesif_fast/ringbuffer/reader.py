@@ -110,6 +110,10 @@ class Reader:
         self._pending: deque[Batch] = deque()
         self._next_lane = 0
         self._marked_lane = -1  # the lane `mark` last stored (-1: none stored)
+        if _lane is not None:  # the same stores in C: the shipper marks every record it decodes
+            self.mark = _lane.Marker(self._words, WORD_DECODING_LANE, WORD_DECODING_POSITION,
+                                     WORD_READER_HEARTBEAT)
+            self.clear_mark = self.mark.clear
         self.outside_lane = geometry.lane_count
         """The lane number `mark` takes for records that are no longer in the ring (the
         shipper's spool): their positions are the caller's, and a poison one is only listed
@@ -129,7 +133,9 @@ class Reader:
         the ring's header, and heartbeat: if the process dies or is killed before the next
         `mark` or `clear_mark`, the next reader suspects that record (see the module
         docstring). The words are stored so
-        that a process killed between two stores leaves either no mark or a whole one."""
+        that a process killed between two stores leaves either no mark or a whole one. With the
+        compiled extension, `_lane.Marker` stands in for this method and `clear_mark` on each
+        reader."""
         words = self._words
         if lane != self._marked_lane:
             words[WORD_DECODING_LANE] = 0

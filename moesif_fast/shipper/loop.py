@@ -36,14 +36,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from .. import private
 from ..entities import entity_requests
 from ..event import BatchWriter, EventBuilder, EventDropped
-from ..record import EntityUpdate, decode
+from ..record import EntityUpdate, compiled_decode, decode
 from ..ringbuffer import Reader, RingFile
 from ..ringfile import policy_snapshot_path, shipper_stats_path
 from ..settings import MoesifOptions
@@ -263,14 +263,14 @@ class Shipper:
             batch = work.batch
             for lane, position, size in batch.skipped:
                 self._count_poison(lane, position, size)
-            records, places = batch.records, zip(batch.lanes, batch.positions, strict=True)
+            records, lanes, positions = batch.records, batch.lanes, batch.positions
             cancel = work.cancel
         else:
-            records, places = self._unpoisoned(work)
+            records, lanes, positions = self._unpoisoned(work)
             cancel = Stop()
         gzip = GzipStream()
         try:
-            updates = self._decode(records, places, gzip.write)
+            updates = self._decode(records, lanes, positions, gzip.write)
         except SettingsChanged as change:
             self.restart_for = change.tag  # nothing of this batch is sent nor committed
             return
@@ -289,34 +289,42 @@ class Shipper:
         for request in requests:
             jobs.put(request)
 
-    def _unpoisoned(self, batch: SpoolBatch) -> tuple[list[bytes], list[tuple[int, int]]]:
+    def _unpoisoned(self, batch: SpoolBatch) -> tuple[list[bytes], list[int], list[int]]:
         """The spool batch's records but those that killed or hung a previous shipper of this
         ring (counted and logged), with their places for `_decode`: the reader's outside lane
         and their spool sequence numbers."""
         lane, poisoned = self.reader.outside_lane, self.reader.poisoned_outside
-        records, places = [], []
+        records, sequences = [], []
         for record, sequence in zip(batch.records, batch.sequences, strict=True):
             if sequence in poisoned:
                 self._count_poison(lane, sequence, len(record))
             else:
                 records.append(record)
-                places.append((lane, sequence))
-        return records, places
+                sequences.append(sequence)
+        return records, [lane] * len(records), sequences
 
-    def _decode(self, payloads: list[bytes], places: Iterable[tuple[int, int]],
+    def _decode(self, payloads: list[bytes], lanes: list[int], positions: list[int],
                 write_events: Callable[[bytes | memoryview], object]) -> list[EntityUpdate]:
         """Write the events of the records, as one batch, to `write_events` (`self._batch`
         counts them), and answer their profile updates. Each record is named by its place
         (ring lane and position, or the reader's outside lane and spool sequence) in the ring's
         header while it is decoded and built, so that one that kills two processes in a row is
-        skipped by the next one."""
+        skipped by the next one. The batch writer takes the common records in C
+        (`BatchWriter.add_records`); the others come back here one at a time."""
         batch = self._batch
         batch.start(write_events)
         updates: list[EntityUpdate] = []
         mark = self.reader.mark
-        for payload, place in zip(payloads, places, strict=True):
-            mark(*place)  # a crash or hang from here to the next mark names the record
-            record = decode(payload)
+        index, end = 0, len(payloads)
+        while True:
+            index, record = batch.add_records(payloads, lanes, positions, index, mark,
+                                              compiled_decode or decode, self.settings_tag)
+            if index == end:
+                break
+            if record is NotImplemented:
+                mark(lanes[index], positions[index])  # a crash or hang from here to the next
+                record = decode(payloads[index])  # mark names the record
+            index += 1
             if record is None:
                 self._count_unreadable()
             elif isinstance(record, EntityUpdate):
