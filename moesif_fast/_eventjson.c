@@ -1353,32 +1353,34 @@ static PyObject *Encoder_encode_into(Encoder *self, PyObject *const *args, Py_ss
     return result;
 }
 
-/* encode_records(payloads, lanes, positions, start, mark, decode, tag, piece, offset, count):
-   BatchWriter.add_records (event.py) in C. From payloads[start] on, for each record:
-   mark(lanes[i], positions[i]), then call = decode(payloads[i]); while the call is one this
-   encoder writes, of settings tag `tag` or 0, its event goes into `piece` at `offset`, after
-   "[" if `count` is 0, else ",". Answers (index, offset, count, decoded, text): `index` is the
-   first record left to the caller (len(payloads) when none is), `decoded` what `decode`
-   answered for it (NotImplemented when there is no such record), and `text` its event when it
-   was written but did not fit in the piece (else None). An error while writing an event is
-   not raised: the caller's way meets it again. */
+/* encode_records(payloads, lanes, positions, start, mark, decode, otherwise, tag, piece, offset,
+   count): BatchWriter.add_records (event.py) in C. From payloads[start] on, for each record:
+   mark(lanes[i], positions[i]), then call = decode(payloads[i]), or otherwise(payloads[i]) where
+   decode answers NotImplemented; while the call is one this encoder writes, of settings tag
+   `tag` or 0, its event goes into `piece` at `offset`, after "[" if `count` is 0, else ",".
+   Answers (index, offset, count, decoded, text): `index` is the first record left to the
+   caller (len(payloads) when none is), `decoded` the call or other answer decoded for it
+   (NotImplemented when there is no such record), and `text` its event when it was written but
+   did not fit in the piece (else None). An error while writing an event is not raised: the
+   caller's way meets it again. */
 static PyObject *Encoder_encode_records(Encoder *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 10 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[1])
+    if (nargs != 11 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[1])
             || !PyList_CheckExact(args[2]) || !PyLong_CheckExact(args[3])
-            || !PyLong_CheckExact(args[6]) || !PyByteArray_CheckExact(args[7])
-            || !PyLong_CheckExact(args[8]) || !PyLong_CheckExact(args[9])) {
+            || !PyLong_CheckExact(args[7]) || !PyByteArray_CheckExact(args[8])
+            || !PyLong_CheckExact(args[9]) || !PyLong_CheckExact(args[10])) {
         PyErr_SetString(PyExc_TypeError,
                         "encode_records(payloads: list, lanes: list, positions: list, start: int, "
-                        "mark, decode, tag: int, piece: bytearray, offset: int, count: int)");
+                        "mark, decode, otherwise, tag: int, piece: bytearray, offset: int, "
+                        "count: int)");
         return NULL;
     }
     PyObject *payloads = args[0], *lanes = args[1], *positions = args[2];
-    PyObject *mark = args[4], *decode = args[5], *piece = args[7];
+    PyObject *mark = args[4], *decode = args[5], *otherwise = args[6], *piece = args[8];
     Py_ssize_t index = PyLong_AsSsize_t(args[3]);
-    long long tag = PyLong_AsLongLong(args[6]);
-    Py_ssize_t offset = PyLong_AsSsize_t(args[8]);
-    Py_ssize_t count = PyLong_AsSsize_t(args[9]);
+    long long tag = PyLong_AsLongLong(args[7]);
+    Py_ssize_t offset = PyLong_AsSsize_t(args[9]);
+    Py_ssize_t count = PyLong_AsSsize_t(args[10]);
     if (PyErr_Occurred())
         return NULL;
     if (index < 0 || offset < 0 || offset > PyByteArray_GET_SIZE(piece) || count < 0) {
@@ -1401,6 +1403,8 @@ static PyObject *Encoder_encode_records(Encoder *self, PyObject *const *args, Py
         if (marked != NULL) {
             Py_DECREF(marked);
             Py_SETREF(decoded, PyObject_Vectorcall(decode, &payload, 1, NULL));
+            if (decoded == Py_NotImplemented)
+                Py_SETREF(decoded, PyObject_Vectorcall(otherwise, &payload, 1, NULL));
         }
         Py_DECREF(payload);
         if (marked == NULL || decoded == NULL)
@@ -1592,7 +1596,8 @@ static PyMethodDef Encoder_methods[] = {
      "written into the bytearray `piece` at `offset`, giving the offset after them; the text\n"
      "when it does not fit there; None to use the Python path."},
     {"encode_records", (PyCFunction)(void (*)(void))Encoder_encode_records, METH_FASTCALL,
-     "encode_records(payloads, lanes, positions, start, mark, decode, tag, piece, offset, count)\n"
+     "encode_records(payloads, lanes, positions, start, mark, decode, otherwise, tag, piece,\n"
+     "offset, count)\n"
      "-> (index, offset, count, decoded, text): see BatchWriter.add_records."},
     {NULL, NULL, 0, NULL},
 };

@@ -45,7 +45,7 @@ from typing import Any
 import orjson
 
 from . import compiled
-from .record import FIELD_COUNT, Body, CapturedCall
+from .record import FIELD_COUNT, Body, CapturedCall, compiled_decode, decode_in_python
 from .settings import MoesifOptions
 
 _eventjson = compiled("_eventjson")
@@ -403,6 +403,7 @@ class BatchWriter:
     def __init__(self, builder: EventBuilder) -> None:
         self._encode_into = builder.encode_into
         self._encode_records = builder.compiled_encode_records
+        self._decoders = (compiled_decode or decode_in_python, decode_in_python)
         self._piece = bytearray(PIECE_BYTES)
         self._view = memoryview(self._piece)  # also keeps the piece from ever being resized
         self._consume: Callable[[bytes | memoryview], object] | None = None
@@ -427,25 +428,25 @@ class BatchWriter:
             self._add(prefix, written)
 
     def add_records(self, payloads: list[bytes], lanes: list[int], positions: list[int],
-                    start: int, mark: Callable[[int, int], object],
-                    decode: Callable[[bytes], object], settings_tag: int) -> tuple[int, object]:
+                    start: int, mark: Callable[[int, int], object], settings_tag: int
+                    ) -> tuple[int, object]:
         """Append the events of the records from `payloads[start]` on, all in C, up to the
         first record it leaves to the caller; answers that record's index (`len(payloads)`
-        when none is left) and what `decode` answered for it (NotImplemented when it did not
-        decode it). Before decoding each record it calls `mark(lanes[i], positions[i])`. It
-        leaves a record that `decode` does not answer with a call of settings tag
-        `settings_tag` or 0, or whose event the compiled encoder does not write (the caller's
-        `add` then writes it, or raises what the Python path raises). Without the compiled
-        encoder it leaves the first: (start, NotImplemented). Raises what `mark` or `decode`
-        raise; nothing it wrote in that call is then part of the batch. One C call for the
-        common records of a batch, where a loop over them in Python cost the shipper about a
-        fifth of its CPU under load."""
+        when none is left) and what `record.decode` answers for it. Before decoding each
+        record it calls `mark(lanes[i], positions[i])`. It leaves a record that does not decode
+        to a call of settings tag `settings_tag` or 0, or whose event the compiled encoder does
+        not write (the caller's `add` then writes it, or raises what the Python path raises).
+        Without the compiled encoder it leaves the first, undecoded: (start, NotImplemented).
+        Raises what `mark` or the decoders raise; nothing it wrote in that call is then part of
+        the batch. One C call for the common records of a batch, where a loop over them in
+        Python cost the shipper about a fifth of its CPU under load."""
         if self._encode_records is None:
             return start, NotImplemented
+        decode, otherwise = self._decoders
         while True:
             index, self._length, self.count, decoded, text = self._encode_records(
-                payloads, lanes, positions, start, mark, decode, settings_tag, self._piece,
-                self._length, self.count)
+                payloads, lanes, positions, start, mark, decode, otherwise, settings_tag,
+                self._piece, self._length, self.count)
             if text is None:
                 return index, decoded
             self._add(_COMMA if self.count else _OPENING_BRACKET, text)  # it did not fit

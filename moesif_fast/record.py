@@ -217,6 +217,12 @@ def decode(payload: bytes) -> CapturedCall | EntityUpdate | None:
         call = compiled_decode(payload)
         if call is not NotImplemented:
             return call
+    return decode_in_python(payload)
+
+
+def decode_in_python(payload: bytes) -> CapturedCall | EntityUpdate | None:
+    """`decode` without the compiled decoder: the reference, and the way of every record the
+    compiled decoder leaves."""
     kind = payload[:1]
     if kind == CALL_V4:
         try:

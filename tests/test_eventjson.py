@@ -24,9 +24,15 @@ from hypothesis import strategies as st
 from pure_python import printed_forced_and_default
 
 from moesif_fast import event as event_module
-from moesif_fast import record as record_module
 from moesif_fast.event import BatchWriter, EventBuilder, EventDropped
-from moesif_fast.record import CapturedCall, decode, encode_call, encode_entity, header_columns
+from moesif_fast.record import (
+    CapturedCall,
+    EntityUpdate,
+    decode,
+    encode_call,
+    encode_entity,
+    header_columns,
+)
 from moesif_fast.settings import MoesifOptions
 
 BUILT = importlib.util.find_spec("moesif_fast._eventjson") is not None
@@ -295,7 +301,7 @@ def written_by_add_records(builder: EventBuilder, payloads: list[bytes], tag: in
     while True:
         index, decoded = writer.add_records(
             payloads, [7] * count, list(range(count)), index,
-            lambda lane, position: marked.append(position), record_module.compiled_decode, tag)
+            lambda lane, position: marked.append(position), tag)
         if index == count:
             break
         left.append((index, decoded))
@@ -333,8 +339,10 @@ def test_add_records_writes_the_batch_add_writes_and_leaves_the_others_to_it() -
     other_tag = common(3)._replace(settings_tag=6)
     dropped = make_call(direction="Sideways")  # the Python path drops it
     unproven = make_call(request_body=b"[1e999]")  # a JSON body C does not prove copyable
+    metadata = common(7, metadata={"plan": "pro", "seats": [1, 2]})  # decoded in Python
     too_big = make_call(request_body=b"x" * (event_module.PIECE_BYTES + 10))  # past a piece
-    calls = {1: tagged, 2: untagged, 3: other_tag, 5: dropped, 6: unproven, 8: too_big}
+    calls = {1: tagged, 2: untagged, 3: other_tag, 5: dropped, 6: unproven, 7: metadata,
+             8: too_big}
     payloads = [entity if number == 0 else b"F\x00 not a record" if number == 4
                 else encode_call(tuple(calls.get(number) or common(number)))
                 for number in range(40)]  # the common ones overflow the piece in between
@@ -346,9 +354,8 @@ def test_add_records_writes_the_batch_add_writes_and_leaves_the_others_to_it() -
     assert len(json.loads(expected)) == 40 - 3  # not the profile update, garbage, dropped
     assert marked == list(range(40))  # each record once, before it is decoded
     assert [index for index, _ in left] == [0, 3, 4, 5, 6]
-    assert [type(decoded) for _, decoded in left] == [  # NotImplemented: decode in Python
-        type(NotImplemented), CapturedCall, type(NotImplemented), CapturedCall, CapturedCall]
-    assert left[1][1] == other_tag and left[3][1] == dropped
+    assert [decoded for _, decoded in left] == [
+        EntityUpdate("user", {"user_id": "u-1"}), other_tag, None, dropped, unproven]
     with mock.patch.object(uuid, "uuid4", lambda: uuid.UUID(int=7)):  # no compiled encoder:
         assert written_by_add_records(builders.pure, payloads, tag=5) == (  # it leaves them all
             expected, [], [(index, NotImplemented) for index in range(40)])
@@ -360,28 +367,31 @@ def test_add_records_raises_what_mark_or_decode_raise_and_checks_its_arguments()
     places = [0, 0, 0]
     writer = BatchWriter(EventBuilder(MoesifOptions()))
     writer.start(lambda piece: None)
-    decode_in_c = record_module.compiled_decode
 
     def refuse(lane: int, position: int) -> None:
         raise OSError("the ring's header is gone")
 
     with pytest.raises(OSError):
-        writer.add_records(payloads, places, places, 0, refuse, decode_in_c, 0)
-    with pytest.raises(ZeroDivisionError):
-        writer.add_records(payloads, places, places, 0, max, lambda payload: 1 / 0, 0)
+        writer.add_records(payloads, places, places, 0, refuse, 0)
+    decoders = writer._decoders
+    for writer._decoders in [(lambda payload: 1 / 0, decoders[1]),
+                             (lambda payload: NotImplemented, lambda payload: 1 / 0)]:
+        with pytest.raises(ZeroDivisionError):
+            writer.add_records(payloads, places, places, 0, max, 0)
+    writer._decoders = decoders
     assert writer.count == 0
     for lanes, start in [(tuple(places), 0), (places, -1)]:
         with pytest.raises((ValueError, TypeError)):
-            writer.add_records(payloads, lanes, places, start, max, decode_in_c, 0)
+            writer.add_records(payloads, lanes, places, start, max, 0)
     with pytest.raises(ValueError):  # fewer positions than records, found at the second:
-        writer.add_records(payloads, places, places[:1], 0, max, decode_in_c, 0)
+        writer.add_records(payloads, places, places[:1], 0, max, 0)
     assert writer.count == 0  # nothing of a call that raised is in the batch
 
     def shrink(lane: int, position: int) -> None:  # callbacks may change the lists
         payloads.pop()
         places.pop()
 
-    assert writer.add_records(payloads, places, [0, 0, 0], 0, shrink, decode_in_c, 0) == (
+    assert writer.add_records(payloads, places, [0, 0, 0], 0, shrink, 0) == (
         2, NotImplemented)  # the records it held, written; then the list had ended
     assert (writer.count, len(payloads), places) == (2, 1, [0])
 

@@ -43,7 +43,7 @@ from typing import Any
 from .. import private
 from ..entities import entity_requests
 from ..event import BatchWriter, EventBuilder, EventDropped
-from ..record import EntityUpdate, compiled_decode, decode
+from ..record import EntityUpdate, decode
 from ..ringbuffer import Reader, RingFile
 from ..ringfile import policy_snapshot_path, shipper_stats_path
 from ..settings import MoesifOptions
@@ -318,10 +318,10 @@ class Shipper:
         index, end = 0, len(payloads)
         while True:
             index, record = batch.add_records(payloads, lanes, positions, index, mark,
-                                              compiled_decode or decode, self.settings_tag)
+                                              self.settings_tag)
             if index == end:
                 break
-            if record is NotImplemented:
+            if record is NotImplemented:  # no compiled encoder: the loop is this one
                 mark(lanes[index], positions[index])  # a crash or hang from here to the next
                 record = decode(payloads[index])  # mark names the record
             index += 1
