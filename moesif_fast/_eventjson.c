@@ -1361,8 +1361,8 @@ static PyObject *Encoder_encode_into(Encoder *self, PyObject *const *args, Py_ss
    Answers (index, offset, count, decoded, text): `index` is the first record left to the
    caller (len(payloads) when none is), `decoded` the call or other answer decoded for it
    (NotImplemented when there is no such record), and `text` its event when it was written but
-   did not fit in the piece (else None). An error while writing an event is not raised: the
-   caller's way meets it again. */
+   did not fit in the piece (else None). An Exception while writing an event is not raised:
+   the record is left, and the caller's way meets it again. */
 static PyObject *Encoder_encode_records(Encoder *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 11 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[1])
@@ -1428,17 +1428,21 @@ static PyObject *Encoder_encode_records(Encoder *self, PyObject *const *args, Py
             count++;
         } else if (status == OK) {
             text = PyBytes_FromStringAndSize(buffer.data, buffer.length);
-        } else if (status == ERROR) {
-            PyErr_Clear();
+            if (text == NULL)
+                status = ERROR;
         }
+        /* as the caller's `except Exception`: it meets the error again, and counts it */
+        if (status == ERROR && PyErr_ExceptionMatches(PyExc_Exception))
+            PyErr_Clear();
         buffer_free(&buffer);
         if (status != OK || text != NULL)
             break;
         Py_SETREF(decoded, Py_NewRef(Py_NotImplemented));
     }
-    if (PyErr_Occurred())
+    if (PyErr_Occurred()) /* not an Exception (KeyboardInterrupt...): raised */
         goto error;
-    return Py_BuildValue("(nnnNN)", index, offset, count, decoded, text ? text : Py_NewRef(Py_None));
+    return Py_BuildValue("(nnnNN)", index, offset, count, decoded,
+                         text != NULL ? text : Py_NewRef(Py_None));
 error:
     Py_XDECREF(decoded);
     Py_XDECREF(text);

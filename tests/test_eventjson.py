@@ -397,6 +397,30 @@ def test_add_records_raises_what_mark_or_decode_raise_and_checks_its_arguments()
 
 
 @compiled_only
+@pytest.mark.parametrize("error", [ValueError, MemoryError, KeyboardInterrupt])
+def test_add_records_leaves_a_call_whose_event_raised_and_raises_only_what_is_no_exception(
+        error: type[BaseException]) -> None:
+    """As the shipper's `except Exception` around `add`: the record goes back to the loop,
+    whose `add` meets the error again and counts it; a KeyboardInterrupt goes through."""
+    def failing_header_name(builder: EventBuilder, meta_key: str) -> str:
+        raise error("from a callback of the encoder")
+
+    with mock.patch.object(EventBuilder, "_incoming_header_name", failing_header_name):
+        writer = BatchWriter(EventBuilder(MoesifOptions()))  # the encoder binds it now
+    writer.start(lambda piece: None)
+    call = make_call(request_headers=(("HTTP_X_NEW", "1"),))
+    payloads = [encode_call(tuple(call))] * 2
+    if error is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            writer.add_records(payloads, [0, 0], [0, 1], 0, max, 0)
+    else:
+        assert writer.add_records(payloads, [0, 0], [0, 1], 0, max, 0) == (0, call)
+        with pytest.raises(error):
+            writer.add(call)
+    assert writer.count == 0
+
+
+@compiled_only
 def test_mask_event_model_uses_the_python_path_only() -> None:
     assert EventBuilder(MoesifOptions(MASK_EVENT_MODEL=lambda event: event))._compiled_encode \
         is None
