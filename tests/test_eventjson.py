@@ -398,7 +398,7 @@ def test_add_records_raises_what_mark_or_decode_raise_and_checks_its_arguments()
 
 @compiled_only
 @pytest.mark.parametrize("error", [ValueError, MemoryError, KeyboardInterrupt])
-def test_add_records_leaves_a_call_whose_event_raised_and_raises_only_what_is_no_exception(
+def test_add_records_leaves_a_call_whose_event_raised_and_raises_what_is_no_exception(
         error: type[BaseException]) -> None:
     """As the shipper's `except Exception` around `add`: the record goes back to the loop,
     whose `add` meets the error again and counts it; a KeyboardInterrupt goes through."""

@@ -134,8 +134,8 @@ class Reader:
         `mark` or `clear_mark`, the next reader suspects that record (see the module
         docstring). The words are stored so
         that a process killed between two stores leaves either no mark or a whole one. With the
-        compiled extension, `_lane.Marker` stands in for this method and `clear_mark` on each
-        reader."""
+        compiled extension, each reader's `mark` is a `_lane.Marker` making the same stores, and
+        its `clear_mark` the Marker's `clear`."""
         words = self._words
         if lane != self._marked_lane:
             words[WORD_DECODING_LANE] = 0
