@@ -173,7 +173,8 @@ def test_saturation_with_a_worker_and_the_shipper_killed_and_a_third_of_posts_re
 
     answered = [exchange for exchange in exchanges if exchange.answered]
     assert len(answered) >= len(exchanges) - 16  # the killed worker's requests in progress
-    assert_at_least_once(answered, collector.wait_for(answered_ids(answered), RECOVERY_TIMEOUT))
+    # one of those may have an event too: captured after its view, killed before its answer
+    assert_at_least_once(exchanges, collector.wait_for(answered_ids(answered), RECOVERY_TIMEOUT))
     assert server.stop() == 0
 
 
