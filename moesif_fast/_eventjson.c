@@ -1315,10 +1315,32 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *call)
     return result;
 }
 
+/* The event of `call` after the byte `prefix` in the bytearray `piece` at *offset, which moves
+   past them; where they do not fit (nothing is written), *text gets the event's text as bytes.
+   OK, DECLINE (nothing done) or ERROR. `piece` is never resized. */
+static int encode_into_piece(Encoder *self, PyObject *call, PyObject *piece, Py_ssize_t *offset,
+                             char prefix, PyObject **text)
+{
+    Buffer buffer;
+    buffer_init(&buffer);
+    int status = encode_to_buffer(self, call, &buffer);
+    if (status == OK && buffer.length < PyByteArray_GET_SIZE(piece) - *offset) {
+        char *at = PyByteArray_AS_STRING(piece) + *offset;
+        at[0] = prefix;
+        memcpy(at + 1, buffer.data, (size_t)buffer.length);
+        *offset += 1 + buffer.length;
+    } else if (status == OK) {
+        *text = PyBytes_FromStringAndSize(buffer.data, buffer.length);
+        if (*text == NULL)
+            status = ERROR;
+    }
+    buffer_free(&buffer);
+    return status;
+}
+
 /* encode_into(call, piece, offset, prefix): the byte `prefix` then the event's text written
    into the bytearray `piece` at `offset`, answering the offset after them; the text as bytes
-   when they do not fit there (nothing is written); None for a call left to the Python path.
-   `piece` is never resized. */
+   when they do not fit there (nothing is written); None for a call left to the Python path. */
 static PyObject *Encoder_encode_into(Encoder *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 4 || !PyByteArray_CheckExact(args[1]) || !PyLong_CheckExact(args[2])
@@ -1336,21 +1358,13 @@ static PyObject *Encoder_encode_into(Encoder *self, PyObject *const *args, Py_ss
         PyErr_SetString(PyExc_ValueError, "offset outside the piece, or prefix not a byte");
         return NULL;
     }
-    Buffer buffer;
-    buffer_init(&buffer);
-    int status = encode_to_buffer(self, args[0], &buffer);
-    PyObject *result;
-    if (status == OK && buffer.length < PyByteArray_GET_SIZE(piece) - offset) {
-        char *at = PyByteArray_AS_STRING(piece) + offset;
-        at[0] = (char)prefix;
-        memcpy(at + 1, buffer.data, (size_t)buffer.length);
-        result = PyLong_FromSsize_t(offset + 1 + buffer.length);
-    } else {
-        result = status == OK ? PyBytes_FromStringAndSize(buffer.data, buffer.length)
-                 : status == DECLINE ? Py_NewRef(Py_None) : NULL;
-    }
-    buffer_free(&buffer);
-    return result;
+    PyObject *text = NULL;
+    int status = encode_into_piece(self, args[0], piece, &offset, (char)prefix, &text);
+    if (status == ERROR)
+        return NULL;
+    if (status == DECLINE)
+        Py_RETURN_NONE;
+    return text != NULL ? text : PyLong_FromSsize_t(offset);
 }
 
 /* encode_records(payloads, lanes, positions, start, mark, decode, otherwise, tag, piece, offset,
@@ -1417,26 +1431,14 @@ static PyObject *Encoder_encode_records(Encoder *self, PyObject *const *args, Py
                           ? PyLong_AsLongLongAndOverflow(call_tag, &overflow) : -1;
         if (overflow != 0 || (value != tag && value != 0))
             break;
-        Buffer buffer;
-        buffer_init(&buffer);
-        int status = encode_to_buffer(self, decoded, &buffer);
-        if (status == OK && buffer.length < PyByteArray_GET_SIZE(piece) - offset) {
-            char *at = PyByteArray_AS_STRING(piece) + offset;
-            at[0] = count == 0 ? '[' : ',';
-            memcpy(at + 1, buffer.data, (size_t)buffer.length);
-            offset += 1 + buffer.length;
-            count++;
-        } else if (status == OK) {
-            text = PyBytes_FromStringAndSize(buffer.data, buffer.length);
-            if (text == NULL)
-                status = ERROR;
-        }
+        int status = encode_into_piece(self, decoded, piece, &offset, count == 0 ? '[' : ',',
+                                       &text);
         /* as the caller's `except Exception`: it meets the error again, and counts it */
         if (status == ERROR && PyErr_ExceptionMatches(PyExc_Exception))
             PyErr_Clear();
-        buffer_free(&buffer);
         if (status != OK || text != NULL)
             break;
+        count++;
         Py_SETREF(decoded, Py_NewRef(Py_NotImplemented));
     }
     if (PyErr_Occurred()) /* not an Exception (KeyboardInterrupt...): raised */
